@@ -1,0 +1,150 @@
+"""The backend interface the transformer calls, and the numpy reference backend.
+
+The model never touches a kernel or branches on a weight's type: it calls these ops. Activations are whatever
+array type the backend uses (numpy on CPU, device arrays on CUDA); `to_host` brings logits back. Shapes:
+T tokens in flight, D model width, H query heads, G kv heads, Dh head size.
+
+The reference backend is the oracle for the fast ones: plain float32 numpy, weights dequantized once
+(lazily) by `pyquant.quants`, a float32 KV cache, attention written as the textbook softmax(QK^T)V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .gguf import TensorInfo
+from .quants import dequantize
+
+BACKENDS = {
+    "numpy": ("pyquant.backend", "NumpyBackend"),
+    "cpu": ("kernels_cpu.backend", "CpuBackend"),
+    "cuda": ("kernels_cuda.backend", "CudaBackend"),
+}
+
+
+def make_backend(name: str, **options):
+    import importlib
+
+    from .errors import PyquantError
+
+    if name not in BACKENDS:
+        raise PyquantError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def rope_cos_sin(positions: np.ndarray, n_rot: int, base: float, freq_scale: float = 1.0):
+    """cos/sin tables (T, n_rot/2) for rotary embeddings at the given positions (float32, as ggml)."""
+    inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    theta = (positions.astype(np.float64)[:, None] * freq_scale) * inv[None, :]
+    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int) -> np.ndarray:
+    """Boolean (Tq, Tk): causal, and within `window` tokens when the layer slides (window 0: no limit)."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        allowed &= q_pos[:, None] - k_pos[None, :] < window
+    return allowed
+
+
+class KVCache:
+    """Per-layer K and V for positions [0, n_ctx): (n_ctx, G, Dh) float32 each."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int):
+        self.n_ctx = n_ctx
+        self.k = [np.zeros((n_ctx, n_head_kv, head_dim_k), np.float32) for _ in range(n_layer)]
+        self.v = [np.zeros((n_ctx, n_head_kv, head_dim_v), np.float32) for _ in range(n_layer)]
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, threads: int | None = None, cache_type: str = "f32"):
+        self._weights: dict[int, np.ndarray] = {}
+        self.cache_type = cache_type
+
+    # --- weights ---------------------------------------------------------------------------------------
+    def weight(self, t: TensorInfo) -> TensorInfo:
+        return t
+
+    def _dense(self, w: TensorInfo) -> np.ndarray:
+        key = id(w)
+        if key not in self._weights:
+            self._weights[key] = dequantize(w.data, w.type, w.shape)
+        return self._weights[key]
+
+    # --- ops ---------------------------------------------------------------------------------------------
+    def get_rows(self, w: TensorInfo, ids: np.ndarray) -> np.ndarray:  # (T, D)
+        row_bytes = w.nbytes // w.shape[0]
+        rows = w.data.reshape(w.shape[0], row_bytes)[ids]
+        return dequantize(rows, w.type, (len(ids), w.shape[1]))
+
+    def linear(self, x: np.ndarray, w: TensorInfo, bias: np.ndarray | None = None) -> np.ndarray:
+        y = x @ self._dense(w).T  # (T, K) @ (K, N)
+        return y + bias if bias is not None else y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        return x / np.sqrt(ms + eps) * weight
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, neox: bool,
+             freq_scale: float = 1.0) -> np.ndarray:
+        """x (T, H, Dh): rotate the first n_rot dims; NeoX pairs (i, i + n_rot/2), normal pairs (2i, 2i+1)."""
+        cos, sin = rope_cos_sin(positions, n_rot, base, freq_scale)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        out = x.copy()
+        half = n_rot // 2
+        if neox:
+            a, b = x[..., :half], x[..., half:n_rot]
+            out[..., :half] = a * cos - b * sin
+            out[..., half:n_rot] = a * sin + b * cos
+        else:
+            a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+            out[..., 0:n_rot:2] = a * cos - b * sin
+            out[..., 1:n_rot:2] = a * sin + b * cos
+        return out
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return gate / (1.0 + np.exp(-gate)) * up
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:  # tanh-approximated GELU, as Gemma
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * gate * (1.0 + np.tanh(c * (gate + 0.044715 * gate**3))) * up
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a + b
+
+    def scale(self, x: np.ndarray, s: float) -> np.ndarray:
+        return x * np.float32(s)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def from_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    # --- attention ---------------------------------------------------------------------------------------
+    def new_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> KVCache:
+        return KVCache(n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int, pos0: int,
+                  scale: float, window: int = 0) -> np.ndarray:
+        """Store k, v (T, G, Dh) at positions pos0.. then attend q (T, H, Dh) causally -> (T, H*Dv)."""
+        t, n_head, _ = q.shape
+        end = pos0 + t
+        cache.k[layer][pos0:end] = k
+        cache.v[layer][pos0:end] = v
+        keys, values = cache.k[layer][:end], cache.v[layer][:end]  # (S, G, Dh)
+        group = n_head // keys.shape[1]
+        keys = np.repeat(keys, group, axis=1).transpose(1, 2, 0)  # (H, Dh, S)
+        values = np.repeat(values, group, axis=1).transpose(1, 0, 2)  # (H, S, Dv)
+        scores = np.matmul(q.transpose(1, 0, 2), keys) * np.float32(scale)  # (H, T, S)
+        allowed = attention_mask(np.arange(pos0, end), np.arange(end), window)
+        scores = np.where(allowed[None], scores, -np.inf)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = np.matmul(scores, values)  # (H, T, Dv)
+        return out.transpose(1, 0, 2).reshape(t, -1)
