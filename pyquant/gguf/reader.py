@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from ..errors import GGUFError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: llama.cpp rejects tensor names of 64 bytes or more
 MAX_ELEMENTS = 1 << 62  # beyond this an element count cannot describe a real tensor
 DEFAULT_ALIGNMENT = 32
 
@@ -184,14 +186,16 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            size = os.path.getsize(self.path)
-        except OSError as e:
-            raise GGUFError(f"{self.path}: cannot open: {e.strerror}") from None
-        if size < 24:
-            raise GGUFError(f"{self.path}: truncated file: {size} bytes is smaller than a GGUF header")
-        self.buf = np.memmap(self.path, dtype=np.uint8, mode="r")
-        with open(self.path, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            if not stat.S_ISREG(os.stat(self.path).st_mode):  # opening a fifo would block
+                raise GGUFError(f"{self.path}: not a regular file")
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < 24:
+                    raise GGUFError(f"{self.path}: truncated file: {size} bytes, less than a GGUF header")
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                self.buf = np.memmap(fh, dtype=np.uint8, mode="r", shape=(size,))
+        except (OSError, ValueError) as e:  # a folder, a device, a file that cannot be mapped
+            raise GGUFError(f"{self.path}: cannot open: {getattr(e, 'strerror', None) or e}") from None
         try:
             self._parse(_Cursor(mm, self.path), size)
         finally:
@@ -236,7 +240,7 @@ class GGUFFile:
         for _ in range(n_tensors):
             infos.append(self._tensor_info(cur))
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
-        if self.data_offset > size:
+        if self.data_offset > size and infos:  # llama.cpp accepts a tensor-less file that ends unpadded
             raise GGUFError(f"{self.path}: truncated file: tensor data would start at {self.data_offset}, past the end")
         self.tensors: dict[str, TensorInfo] = {}
         spans = []
@@ -261,6 +265,9 @@ class GGUFFile:
     def _tensor_info(self, cur: _Cursor):
         at = cur.pos
         name = cur.string("tensor name")
+        if len(name.encode()) >= MAX_NAME:
+            n = len(name.encode())
+            raise cur.fail(f"tensor name {name[:40]!r}... is {n} bytes (at most {MAX_NAME - 1})", at)
         n_dims = cur.u32(f"dimension count of tensor {name!r}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)", at)
