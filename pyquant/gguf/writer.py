@@ -32,11 +32,18 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output gets the mode open() would give
         yield Path(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @dataclass
@@ -47,24 +54,59 @@ class TensorSpec:
     produce: Callable[[], np.ndarray]  # returns the packed bytes (uint8) or a plain f32/f16 array
 
 
+_NUMPY_TYPES = {
+    np.dtype(np.uint8): GGUFValueType.UINT8,
+    np.dtype(np.int8): GGUFValueType.INT8,
+    np.dtype(np.uint16): GGUFValueType.UINT16,
+    np.dtype(np.int16): GGUFValueType.INT16,
+    np.dtype(np.uint32): GGUFValueType.UINT32,
+    np.dtype(np.int32): GGUFValueType.INT32,
+    np.dtype(np.uint64): GGUFValueType.UINT64,
+    np.dtype(np.int64): GGUFValueType.INT64,
+    np.dtype(np.float32): GGUFValueType.FLOAT32,
+    np.dtype(np.float64): GGUFValueType.FLOAT64,
+    np.dtype(np.bool_): GGUFValueType.BOOL,
+}
+
+
+def _int_type(values) -> GGUFValueType:
+    lo, hi = min(values), max(values)
+    if 0 <= lo and hi < 2**32:
+        return GGUFValueType.UINT32
+    if -(2**31) <= lo and hi < 2**31:
+        return GGUFValueType.INT32
+    if -(2**63) <= lo and hi < 2**63:
+        return GGUFValueType.INT64
+    raise PyquantError(f"integer {lo if lo < -(2**63) else hi} does not fit in GGUF metadata")
+
+
 def _infer_type(value) -> tuple[GGUFValueType, GGUFValueType | None]:
-    if isinstance(value, bool):
+    """GGUF (value type, element type) for a Python or numpy value; ints get the smallest of u32/i32/i64."""
+    if isinstance(value, (bool, np.bool_)):
         return GGUFValueType.BOOL, None
+    if isinstance(value, (np.generic, np.ndarray)) and value.dtype not in _NUMPY_TYPES:
+        raise PyquantError(f"cannot store a numpy {value.dtype} value in GGUF metadata")
+    if isinstance(value, np.ndarray):
+        return GGUFValueType.ARRAY, _NUMPY_TYPES[value.dtype]
+    if isinstance(value, np.generic):
+        return _NUMPY_TYPES[value.dtype], None
     if isinstance(value, int):
-        return (GGUFValueType.UINT32 if 0 <= value < 2**32 else GGUFValueType.INT64), None
+        return _int_type([value]), None
     if isinstance(value, float):
         return GGUFValueType.FLOAT32, None
     if isinstance(value, str):
         return GGUFValueType.STRING, None
-    if isinstance(value, np.ndarray):
-        sub = {np.dtype(np.float32): GGUFValueType.FLOAT32, np.dtype(np.int32): GGUFValueType.INT32,
-               np.dtype(np.uint32): GGUFValueType.UINT32, np.dtype(np.bool_): GGUFValueType.BOOL,
-               np.dtype(np.int64): GGUFValueType.INT64, np.dtype(np.uint8): GGUFValueType.UINT8}
-        if value.dtype not in sub:
-            raise PyquantError(f"cannot store a numpy {value.dtype} array in GGUF metadata")
-        return GGUFValueType.ARRAY, sub[value.dtype]
     if isinstance(value, (list, tuple)):
-        return GGUFValueType.ARRAY, _infer_type(value[0])[0] if value else GGUFValueType.INT32
+        kinds = {type(v) for v in value}
+        if not value:
+            return GGUFValueType.ARRAY, GGUFValueType.INT32
+        if kinds == {int}:
+            return GGUFValueType.ARRAY, _int_type(value)
+        elem = {_infer_type(v) for v in value}
+        if len(elem) != 1 or next(iter(elem))[0] == GGUFValueType.ARRAY:
+            found = sorted(t.__name__ for t in kinds)
+            raise PyquantError(f"a GGUF metadata array holds one scalar type, not {found}")
+        return GGUFValueType.ARRAY, next(iter(elem))[0]
     raise PyquantError(f"cannot store a {type(value).__name__} in GGUF metadata")
 
 
@@ -81,33 +123,59 @@ def write_gguf(
     if "general.architecture" not in metadata:
         raise PyquantError("GGUF metadata needs general.architecture")
     specs = list(tensors)
+    layouts = [_layout(s) for s in specs]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise PyquantError(f"duplicate tensor name {dup!r}")
     with atomic_output(path) as tmp:
         w = GGUFWriter(tmp, metadata["general.architecture"])
-        for key, value in metadata.items():
-            if key in ("general.architecture", "GGUF.version"):
-                continue
-            vtype, sub = types.get(key) or _infer_type(value)
-            if vtype == GGUFValueType.ARRAY:
-                w.add_key_value(key, list(value) if not isinstance(value, np.ndarray) else value.tolist(), vtype, sub)
-            else:
-                w.add_key_value(key, value, vtype)
-        for s in specs:
-            qtype = GGMLQuantizationType[s.type.upper()]
-            block, size = GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(s.shape))
-            w.add_tensor_info(s.name, s.shape, np.dtype(np.uint8), n // block * size, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, s in enumerate(specs):
-            data = np.ascontiguousarray(s.produce())
-            qtype = GGMLQuantizationType[s.type.upper()]
-            block, size = GGML_QUANT_SIZES[qtype]
-            expected = int(np.prod(s.shape)) // block * size
-            if data.nbytes != expected:
-                raise PyquantError(f"tensor {s.name!r}: produced {data.nbytes} bytes, {s.type} {s.shape} needs {expected}")
-            w.write_tensor_data(data.view(np.uint8).reshape(-1))
-            if progress:
-                progress(i + 1, len(specs), s.name)
-        w.close()
+        try:
+            for key, value in metadata.items():
+                if key in ("general.architecture", "GGUF.version"):
+                    continue
+                vtype, sub = types.get(key) or _infer_type(value)
+                if key == "general.alignment":  # the padding must follow the key, not the writer's default
+                    if vtype != GGUFValueType.UINT32 or value <= 0 or value & (value - 1):
+                        raise PyquantError(f"general.alignment {value!r} must be a uint32 power of two")
+                    w.data_alignment = int(value)
+                if vtype == GGUFValueType.ARRAY:
+                    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
+                    w.add_key_value(key, items, vtype, sub)
+                else:
+                    w.add_key_value(key, value, vtype)
+            for s, (qtype, byte_shape, nbytes) in zip(specs, layouts):
+                # a uint8 tensor with raw_dtype: gguf reads the shape as bytes per row and converts it back
+                w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for i, (s, (_, _, expected)) in enumerate(zip(specs, layouts)):
+                data = np.ascontiguousarray(s.produce())
+                if data.nbytes != expected:
+                    need = f"{s.type} {s.shape} needs {expected}"
+                    raise PyquantError(f"tensor {s.name!r}: produced {data.nbytes} bytes, {need}")
+                w.write_tensor_data(data.view(np.uint8).reshape(-1))
+                if progress:
+                    progress(i + 1, len(specs), s.name)
+        finally:
+            w.close()
     return Path(path)
+
+
+def _layout(s: TensorSpec) -> tuple[GGMLQuantizationType, tuple[int, ...], int]:
+    """(ggml type, shape in bytes per row, total bytes) of a spec, checked before anything is written."""
+    try:
+        qtype = GGMLQuantizationType[s.type.upper()]
+        block, size = GGML_QUANT_SIZES[qtype]
+    except KeyError:
+        raise PyquantError(f"tensor {s.name!r}: unknown ggml type {s.type!r}") from None
+    shape = tuple(int(d) for d in s.shape)
+    if not 1 <= len(shape) <= 4 or min(shape) < 1:
+        raise PyquantError(f"tensor {s.name!r}: shape {shape} needs 1 to 4 positive dimensions")
+    if shape[-1] % block:
+        raise PyquantError(
+            f"tensor {s.name!r}: row length {shape[-1]} is not a multiple of {s.type} block size {block}"
+        )
+    byte_shape = (*shape[:-1], shape[-1] // block * size)
+    return qtype, byte_shape, int(np.prod(byte_shape, dtype=np.int64))
