@@ -77,6 +77,7 @@ def run(args) -> int:
     print(f"  {'type':<6} {'tensors':>7} {'parameters':>14} {'bytes':>14} {'bpw':>6}")
     for ttype, (count, elems, nbytes) in sorted(per_type.items(), key=lambda kv: -kv[1][2]):
         print(f"  {ttype:<6} {count:>7} {elems:>14,} {nbytes:>14,} {8 * nbytes / elems:>6.2f}")
+    bpw = f"{8 * n_bytes / n_params:.3f}" if n_params else "-"  # a vocabulary-only file has no tensors
     print(f"\nparameters: {n_params:,} ({n_params / 1e9:.3f} B)   tensor bytes: {n_bytes:,}   "
-          f"bits per weight: {8 * n_bytes / n_params:.3f}")
+          f"bits per weight: {bpw}")
     return 0
