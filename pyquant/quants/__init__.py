@@ -110,8 +110,9 @@ def quantize(x: np.ndarray, type: TypeLike) -> np.ndarray:
     blocks = np.ascontiguousarray(x).reshape(-1, fmt.block_size)
     out = np.empty((blocks.shape[0], fmt.type_size), dtype=np.uint8)
     step = max(1, _CHUNK_VALUES // fmt.block_size)
-    for i in range(0, blocks.shape[0], step):
-        out[i : i + step] = fmt.quantize_blocks(blocks[i : i + step])
+    with np.errstate(all="ignore"):  # overflow to inf and 0/0 on degenerate blocks behave as in ggml
+        for i in range(0, blocks.shape[0], step):
+            out[i : i + step] = fmt.quantize_blocks(blocks[i : i + step])
     return out.reshape(out_shape)
 
 

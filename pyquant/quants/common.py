@@ -42,10 +42,19 @@ def seqsum(a: np.ndarray) -> np.ndarray:
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Max |x| over the last axis and the signed value where it first occurs (ggml's `if (ax > amax)` scan)."""
+    """Max |x| over the last axis and the signed value where it first occurs, as ggml's scan
+    `amax = max = 0; if (fabsf(v) > amax) {...}` finds them: an all-zero row gives +0.0 even if it holds -0.0."""
     ax = np.abs(x)
     i = ax.argmax(axis=-1)[..., None]
-    return np.take_along_axis(ax, i, axis=-1)[..., 0], np.take_along_axis(x, i, axis=-1)[..., 0]
+    amax = np.take_along_axis(ax, i, axis=-1)[..., 0]
+    return amax, np.where(amax > 0, np.take_along_axis(x, i, axis=-1)[..., 0], np.float32(0))
+
+
+def first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max over the last axis, each the first value that attains it (so -0.0 vs 0.0 follows ggml's scan)."""
+    lo = np.take_along_axis(x, x.argmin(axis=-1)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(x, x.argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    return lo, hi
 
 
 def f16_bytes(x: np.ndarray) -> np.ndarray:

@@ -9,12 +9,12 @@ nibble and value j + 16 in its high nibble.
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import BlockFormat, f16_bytes, f16_field, pack_bits, unpack_bits
+from .common import BlockFormat, f16_bytes, f16_field, first_min_max, pack_bits, unpack_bits
 
 
 def quantize_blocks(x: np.ndarray) -> np.ndarray:
     """float32 (n, 32) -> uint8 (n, 20)."""
-    lo, hi = x.min(axis=1), x.max(axis=1)
+    lo, hi = first_min_max(x)
     d = (hi - lo) / np.float32(15)
     with np.errstate(divide="ignore"):
         inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)

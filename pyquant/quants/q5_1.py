@@ -8,13 +8,13 @@ Follows quantize_row_q5_1_ref / dequantize_row_q5_1 (ggml-quants.c); the qh/qs b
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import BlockFormat, f16_bytes, f16_field
+from .common import BlockFormat, f16_bytes, f16_field, first_min_max
 from .q5_0 import pack_q5, unpack_q5
 
 
 def quantize_blocks(x: np.ndarray) -> np.ndarray:
     """float32 (n, 32) -> uint8 (n, 24)."""
-    lo, hi = x.min(axis=1), x.max(axis=1)
+    lo, hi = first_min_max(x)
     d = (hi - lo) / np.float32(31)
     with np.errstate(divide="ignore"):
         inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)
