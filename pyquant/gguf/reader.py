@@ -82,6 +82,11 @@ class TensorInfo:
         return self.data.reshape(rows, self.nbytes // rows)
 
 
+def _q(name: str) -> str:
+    """A key or name as messages show it: quoted with escapes (one line, whatever bytes it holds), cut short."""
+    return repr(name) if len(name) <= 80 else repr(name[:80]) + "..."
+
+
 class _Cursor:
     """Bounds-checked little-endian reads from the mapped header (struct on the mmap: fast for the
     hundreds of thousands of vocabulary strings a header can hold)."""
@@ -118,7 +123,8 @@ class _Cursor:
         start = self.pos
         n = self.u64(f"length of {what}")
         if n > self.size - self.pos:
-            raise self.fail(f"bad string length {n} for {what}: only {self.size - self.pos} bytes left", start)
+            left = self.size - self.pos
+            raise self.fail(f"bad string length {n} for {what}: {left} bytes left (truncated file?)", start)
         raw = self.take(n, what)
         try:
             return raw.decode("utf-8")
@@ -136,7 +142,9 @@ class _Cursor:
             n = unpack(mm, pos)[0]
             pos += 8
             if n > size - pos:
-                raise self.fail(f"bad string length {n} for element {i} of {key}", pos - 8)
+                left = size - pos
+                msg = f"bad string length {n} for element {i} of {key}: {left} bytes left (truncated file?)"
+                raise self.fail(msg, pos - 8)
             try:
                 out.append(mm[pos : pos + n].decode("utf-8"))
             except UnicodeDecodeError:
@@ -154,6 +162,7 @@ class _Cursor:
             raise self.fail(f"unknown value type {raw} for {what}", at) from None
 
     def value(self, vtype: GGUFValueType, key: str):
+        key = _q(key)
         if vtype in _SCALARS:
             v = self.scalar(_SCALARS[vtype], f"value of {key}")
             return bool(v) if vtype == GGUFValueType.BOOL else v
@@ -168,11 +177,11 @@ class _Cursor:
             raise self.fail(f"nested arrays are not supported (key {key})", at)
         if etype == GGUFValueType.STRING:
             if count > left // 8:  # every string needs at least its 8-byte length
-                raise self.fail(f"array length {count} of {key} exceeds the file", at)
+                raise self.fail(f"array length {count} of {key} exceeds the file (truncated file?)", at)
             return self._strings(count, key)
         dtype = _SCALARS[etype]
         if count > left // dtype.itemsize:
-            raise self.fail(f"array length {count} of {key} exceeds the file", at)
+            raise self.fail(f"array length {count} of {key} exceeds the file (truncated file?)", at)
         arr = np.frombuffer(self.mm, dtype=dtype, count=count, offset=self.pos).copy()
         self.pos += count * dtype.itemsize
         return arr.astype(bool) if etype == GGUFValueType.BOOL else arr
@@ -211,21 +220,21 @@ class GGUFFile:
         n_kv = cur.u64("metadata count")
         # a kv pair needs >= 8+4+1 bytes, a tensor info >= 8+4+8+4+8: absurd counts fail before any loop
         if n_kv > size // 13:
-            raise cur.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file", 16)
+            raise cur.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file (truncated file?)", 16)
         if n_tensors > size // 32:
-            raise cur.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file", 8)
+            raise cur.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file (truncated file?)", 8)
         self.metadata: dict = {}
         self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         for _ in range(n_kv):
             at = cur.pos
             key = cur.string("metadata key")
             if key in self.metadata:
-                raise cur.fail(f"duplicate metadata key {key!r}", at)
-            vtype = cur.value_type(key)
+                raise cur.fail(f"duplicate metadata key {_q(key)}", at)
+            vtype = cur.value_type(_q(key))
             sub = None
             if vtype == GGUFValueType.ARRAY:
                 sub_at = cur.pos
-                sub = cur.value_type(key)
+                sub = cur.value_type(_q(key))
                 cur.pos = sub_at
             self.metadata[key] = cur.value(vtype, key)
             self.metadata_types[key] = (vtype, sub)
