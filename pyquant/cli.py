@@ -27,6 +27,15 @@ COMMANDS = {
 }
 
 
+# every character str.splitlines() breaks on, escaped, so an error stays one line whatever a file holds
+_BREAKS = (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)
+_LINE_BREAKS = {c: repr(chr(c))[1:-1] for c in _BREAKS}
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).translate(_LINE_BREAKS)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as every other bad-input error
         print(f"pyquant: error: {self.prog.removeprefix('pyquant ')}: {message}", file=sys.stderr)
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except PyquantError as e:
-        print(f"pyquant: error: {e}", file=sys.stderr)
+        print(f"pyquant: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyquant: interrupted", file=sys.stderr)
@@ -69,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug of ours: one line, full trace on request
         if os.environ.get("PYQUANT_DEBUG"):
             raise
-        print(f"pyquant: internal error: {type(e).__name__}: {e} (set PYQUANT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"pyquant: internal error: {type(e).__name__}: {_one_line(e)} "
+              "(set PYQUANT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
 
