@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise PyquantError(f"{target}: is a directory")
     if not target.parent.exists():
         raise PyquantError(f"{target}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PyquantError(f"{target}: cannot create a file in {target.parent}: {e.strerror}") from None
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output gets the mode open() would give
@@ -44,6 +48,40 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class _Writer(GGUFWriter):
+    """GGUFWriter that also writes empty arrays (valid GGUF that llama.cpp reads; gguf-py refuses them) and
+    packs numeric arrays with one numpy call after a range check (gguf-py packs item by item)."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if vtype != GGUFValueType.ARRAY or sub_type is None:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = self._pack("I", vtype) if add_vtype else b""
+        head += self._pack("I", sub_type) + self._pack("Q", len(val))
+        return head + (_packed_array(val, sub_type) if len(val) else b"")
+
+
+def _packed_array(values, sub: GGUFValueType) -> bytes:
+    if sub == GGUFValueType.STRING:  # vocabularies: 100k+ strings, so no Python loop per string beyond encode
+        encoded = [v.encode("utf-8") for v in values]
+        lengths = np.fromiter(map(len, encoded), dtype="<i8", count=len(encoded))
+        starts = 8 * np.arange(len(encoded)) + np.cumsum(lengths) - lengths  # where each length field goes
+        out = np.empty(8 * len(encoded) + int(lengths.sum()), dtype=np.uint8)
+        fields = starts[:, None] + np.arange(8)  # (n, 8) byte positions of the length fields
+        chars = np.ones(len(out), dtype=bool)
+        chars[fields] = False
+        out[fields] = lengths.view(np.uint8).reshape(-1, 8)
+        out[chars] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        return out.tobytes()
+    dtype = next((d for d, t in _NUMPY_TYPES.items() if t == sub), None)
+    if dtype is None:
+        raise ValueError(f"arrays of {sub.name} are not supported")
+    if dtype.kind in "iu":
+        lo, hi, info = min(values), max(values), np.iinfo(dtype)
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"value {lo if lo < info.min else hi} does not fit in {sub.name}")
+    return np.asarray(values, dtype=dtype.newbyteorder("<")).tobytes()
 
 
 @dataclass
@@ -129,7 +167,7 @@ def write_gguf(
         dup = next(n for n in names if names.count(n) > 1)
         raise PyquantError(f"duplicate tensor name {dup!r}")
     with atomic_output(path) as tmp:
-        w = GGUFWriter(tmp, metadata["general.architecture"])
+        w = _Writer(tmp, metadata["general.architecture"])
         try:
             for key, value in metadata.items():
                 if key in ("general.architecture", "GGUF.version"):
@@ -140,10 +178,12 @@ def write_gguf(
                         raise PyquantError(f"general.alignment {value!r} must be a uint32 power of two")
                     w.data_alignment = int(value)
                 if vtype == GGUFValueType.ARRAY:
-                    items = value.tolist() if isinstance(value, np.ndarray) else list(value)
-                    w.add_key_value(key, items, vtype, sub)
-                else:
-                    w.add_key_value(key, value, vtype)
+                    value = value.tolist() if isinstance(value, np.ndarray) else list(value)
+                try:  # pack once here, so a value that does not fit its type names its key
+                    w._pack_val(value, vtype, True, sub)
+                except (ValueError, TypeError, OverflowError, AttributeError, struct.error) as e:
+                    raise PyquantError(f"metadata {key!r}: cannot store {vtype.name} value: {e}") from None
+                w.add_key_value(key, value, vtype, sub)
             for s, (qtype, byte_shape, nbytes) in zip(specs, layouts):
                 # a uint8 tensor with raw_dtype: gguf reads the shape as bytes per row and converts it back
                 w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
