@@ -14,7 +14,6 @@ A type is named by its lower-case ggml name ("q4_k"), its upper-case name, or it
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -40,7 +39,7 @@ _MODULES = (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k
 FORMATS: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT for m in _MODULES}
 _BY_ID: dict[int, BlockFormat] = {int(f.ggml_type): f for f in FORMATS.values()}
 
-TypeLike = Union[str, int, GGMLQuantizationType, BlockFormat]
+TypeLike = str | int | GGMLQuantizationType | BlockFormat
 
 # Values handled per call of a block codec: big enough to amortize Python overhead, small enough that the
 # K-quant searches' temporaries stay in cache and memory stays flat on large tensors.
@@ -105,7 +104,9 @@ def quantize(x: np.ndarray, type: TypeLike) -> np.ndarray:
     fmt = get_format(type)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 0:
-        raise PyquantError(f"{fmt.name}: cannot quantize a scalar; pass an array whose last dim holds the rows")
+        raise PyquantError(
+            f"{fmt.name}: cannot quantize a scalar; pass an array whose last dim holds the rows"
+        )
     out_shape = x.shape[:-1] + (row_bytes(fmt, x.shape[-1]),)
     blocks = np.ascontiguousarray(x).reshape(-1, fmt.block_size)
     out = np.empty((blocks.shape[0], fmt.type_size), dtype=np.uint8)

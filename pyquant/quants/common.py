@@ -8,8 +8,8 @@ pairwise or SIMD order numpy's `sum` uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -26,8 +26,22 @@ class BlockFormat:
     ggml_type: GGMLQuantizationType
     block_size: int  # values per block
     type_size: int  # bytes per block
+    layout: str  # the byte map, fields in order: "d:2 dmin:2 scales:12 qs:128"
     quantize_blocks: Callable[[np.ndarray], np.ndarray]
     dequantize_blocks: Callable[[np.ndarray], np.ndarray]
+
+    def __post_init__(self):
+        if sum(size for _, size in self.fields().values()) != self.type_size:
+            raise ValueError(f"{self.name}: layout {self.layout!r} does not add up to {self.type_size} bytes")
+
+    def fields(self) -> dict[str, tuple[int, int]]:
+        """Field name -> (byte offset, byte size) within a block, from `layout`."""
+        out, offset = {}, 0
+        for item in self.layout.split():
+            name, size = item.split(":")
+            out[name] = (offset, int(size))
+            offset += int(size)
+        return out
 
 
 def nearest_int(x: np.ndarray) -> np.ndarray:
@@ -36,9 +50,17 @@ def nearest_int(x: np.ndarray) -> np.ndarray:
     return (bits & 0x007FFFFF) - 0x00400000
 
 
-def seqsum(a: np.ndarray) -> np.ndarray:
-    """Float32 sum over the last axis in C loop order (x[0] + x[1] + ...), as ggml's scalar loops add."""
-    return np.cumsum(a, axis=-1, dtype=np.float32)[..., -1]
+def seqsum(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Float32 sum over `axis` in C loop order (x[0] + x[1] + ...), as ggml's scalar loops add.
+
+    An explicit loop, because numpy's own reductions may add pairwise. Fastest with `axis=0` on a
+    values-major array (n, groups): each step is then one contiguous vector add.
+    """
+    a = np.moveaxis(np.asarray(a, dtype=np.float32), axis, 0)
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
+    return acc
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,4 +18,4 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
-FORMAT = BlockFormat("f16", GGMLQuantizationType.F16, 1, 2, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat("f16", GGMLQuantizationType.F16, 1, 2, "f16:2", quantize_blocks, dequantize_blocks)

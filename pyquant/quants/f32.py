@@ -18,4 +18,4 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float32).copy()
 
 
-FORMAT = BlockFormat("f32", GGMLQuantizationType.F32, 1, 4, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat("f32", GGMLQuantizationType.F32, 1, 4, "f32:4", quantize_blocks, dequantize_blocks)

@@ -64,4 +64,12 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return (sub_d * q - sub_m).reshape(-1, QK_K)
 
 
-FORMAT = BlockFormat("q2_k", GGMLQuantizationType.Q2_K, QK_K, 84, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q2_k",
+    GGMLQuantizationType.Q2_K,
+    QK_K,
+    84,
+    "scales:16 qs:64 d:2 dmin:2",
+    quantize_blocks,
+    dequantize_blocks,
+)

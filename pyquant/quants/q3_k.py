@@ -12,8 +12,17 @@ Quantizer: quantize_row_q3_K_ref (ggml-quants.c): make_q3_quants per sub-block, 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import QK_K, BlockFormat, f16_bytes, f16_field, f16_round, first_absmax, nearest_int
-from .common import pack_bits, unpack_bits
+from .common import (
+    QK_K,
+    BlockFormat,
+    f16_bytes,
+    f16_field,
+    f16_round,
+    first_absmax,
+    nearest_int,
+    pack_bits,
+    unpack_bits,
+)
 from .k_search import make_q3_quants
 from .q2_k import pack_crumbs, unpack_crumbs
 
@@ -69,4 +78,12 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return (sub_d * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K)
 
 
-FORMAT = BlockFormat("q3_k", GGMLQuantizationType.Q3_K, QK_K, 110, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q3_k",
+    GGMLQuantizationType.Q3_K,
+    QK_K,
+    110,
+    "hmask:32 qs:64 scales:12 d:2",
+    quantize_blocks,
+    dequantize_blocks,
+)

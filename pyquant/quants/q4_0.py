@@ -30,4 +30,6 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return d * q.astype(np.float32)
 
 
-FORMAT = BlockFormat("q4_0", GGMLQuantizationType.Q4_0, 32, 18, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q4_0", GGMLQuantizationType.Q4_0, 32, 18, "d:2 qs:16", quantize_blocks, dequantize_blocks
+)

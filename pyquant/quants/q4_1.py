@@ -30,4 +30,6 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return d * q + m
 
 
-FORMAT = BlockFormat("q4_1", GGMLQuantizationType.Q4_1, 32, 20, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q4_1", GGMLQuantizationType.Q4_1, 32, 20, "d:2 m:2 qs:16", quantize_blocks, dequantize_blocks
+)

@@ -70,4 +70,12 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return (sub_d * q - sub_m).reshape(-1, QK_K)
 
 
-FORMAT = BlockFormat("q4_k", GGMLQuantizationType.Q4_K, QK_K, 144, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q4_k",
+    GGMLQuantizationType.Q4_K,
+    QK_K,
+    144,
+    "d:2 dmin:2 scales:12 qs:128",
+    quantize_blocks,
+    dequantize_blocks,
+)

@@ -44,4 +44,6 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return d * q.astype(np.float32)
 
 
-FORMAT = BlockFormat("q5_0", GGMLQuantizationType.Q5_0, 32, 22, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q5_0", GGMLQuantizationType.Q5_0, 32, 22, "d:2 qh:4 qs:16", quantize_blocks, dequantize_blocks
+)

@@ -28,4 +28,6 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return d * unpack_q5(b[:, 4:]).astype(np.float32) + m
 
 
-FORMAT = BlockFormat("q5_1", GGMLQuantizationType.Q5_1, 32, 24, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q5_1", GGMLQuantizationType.Q5_1, 32, 24, "d:2 m:2 qh:4 qs:16", quantize_blocks, dequantize_blocks
+)

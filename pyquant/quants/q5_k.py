@@ -35,4 +35,12 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return (sub_d * q - sub_m).reshape(-1, QK_K)
 
 
-FORMAT = BlockFormat("q5_k", GGMLQuantizationType.Q5_K, QK_K, 176, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q5_k",
+    GGMLQuantizationType.Q5_K,
+    QK_K,
+    176,
+    "d:2 dmin:2 scales:12 qh:32 qs:128",
+    quantize_blocks,
+    dequantize_blocks,
+)

@@ -12,8 +12,18 @@ rounded onto -128..127 steps of the largest, codes recomputed against the stored
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .common import GROUP_MAX_EPS, QK_K, BlockFormat, f16_bytes, f16_field, f16_round, first_absmax
-from .common import nearest_int, pack_bits, unpack_bits
+from .common import (
+    GROUP_MAX_EPS,
+    QK_K,
+    BlockFormat,
+    f16_bytes,
+    f16_field,
+    f16_round,
+    first_absmax,
+    nearest_int,
+    pack_bits,
+    unpack_bits,
+)
 from .k_search import make_qx_quants
 
 F32 = np.float32
@@ -41,7 +51,9 @@ def quantize_blocks(x: np.ndarray) -> np.ndarray:
     L = np.where(zero[:, None, None], np.uint8(0), L).reshape(n, 2, 4, 32)
 
     lo = L & np.uint8(0x0F)
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)), lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2)
+    ql = np.concatenate(
+        [lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)), lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2
+    )
     qh = pack_bits((L >> np.uint8(4)).reshape(n * 2, 4, 32), CRUMB_SHIFTS).reshape(n, 64)
     return np.concatenate([ql.reshape(n, 128), qh, sc.view(np.uint8), f16_bytes(d)], axis=1)
 
@@ -51,10 +63,20 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     d = f16_field(b[:, 208:210])
     sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8)
     sub_d = (d * sc.astype(F32))[:, :, None]  # (n, 16, 1)
-    lo = unpack_bits(b[:, :128].reshape(-1, 64), (0, 4), 0x0F)  # (2n, nibble, 64): quarter = 2*nibble + byte//32
+    lo = unpack_bits(
+        b[:, :128].reshape(-1, 64), (0, 4), 0x0F
+    )  # (2n, nibble, 64): quarter = 2*nibble + byte//32
     hi = unpack_bits(b[:, 128:192].reshape(-1, 32), CRUMB_SHIFTS, 3)  # (2n, 4, 32)
     q = (lo.reshape(-1, 4, 32) | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)
     return (sub_d * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K)
 
 
-FORMAT = BlockFormat("q6_k", GGMLQuantizationType.Q6_K, QK_K, 210, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q6_k",
+    GGMLQuantizationType.Q6_K,
+    QK_K,
+    210,
+    "ql:128 qh:64 scales:16 d:2",
+    quantize_blocks,
+    dequantize_blocks,
+)

@@ -34,4 +34,6 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.float32) * d
 
 
-FORMAT = BlockFormat("q8_0", GGMLQuantizationType.Q8_0, 32, 34, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q8_0", GGMLQuantizationType.Q8_0, 32, 34, "d:2 qs:32", quantize_blocks, dequantize_blocks
+)

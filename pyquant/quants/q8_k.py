@@ -34,4 +34,6 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     return d * np.ascontiguousarray(b[:, 4:260]).view(np.int8).astype(F32)
 
 
-FORMAT = BlockFormat("q8_k", GGMLQuantizationType.Q8_K, QK_K, 292, quantize_blocks, dequantize_blocks)
+FORMAT = BlockFormat(
+    "q8_k", GGMLQuantizationType.Q8_K, QK_K, 292, "d:4 qs:256 bsums:32", quantize_blocks, dequantize_blocks
+)
