@@ -15,7 +15,15 @@ import math
 import numpy as np
 
 from .gguf import TensorInfo
-from .quants import dequantize
+from .quants import dequantize, quantize
+
+# The format ggml rounds activations to before a dot product with a weight of each type (its vec_dot_type).
+# Q8_1 holds the same int8 values as Q8_0 (plus a sum), so Q8_0 stands for both here.
+VEC_DOT_TYPE = {
+    "q4_0": "q8_0", "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0", "q8_0": "q8_0",
+    "q2_k": "q8_k", "q3_k": "q8_k", "q4_k": "q8_k", "q5_k": "q8_k", "q6_k": "q8_k",
+    "f16": "f16", "bf16": "bf16",
+}
 
 BACKENDS = {
     "numpy": ("pyquant.backend", "NumpyBackend"),
@@ -51,20 +59,31 @@ def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int) -> np.ndar
 
 
 class KVCache:
-    """Per-layer K and V for positions [0, n_ctx): (n_ctx, G, Dh) float32 each."""
+    """Per-layer K and V for positions [0, n_ctx): (n_ctx, G, Dh) each, float32 or float16."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int):
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int,
+                 dtype=np.float32):
         self.n_ctx = n_ctx
-        self.k = [np.zeros((n_ctx, n_head_kv, head_dim_k), np.float32) for _ in range(n_layer)]
-        self.v = [np.zeros((n_ctx, n_head_kv, head_dim_v), np.float32) for _ in range(n_layer)]
+        self.dtype = np.dtype(dtype)
+        self.k = [np.zeros((n_ctx, n_head_kv, head_dim_k), dtype) for _ in range(n_layer)]
+        self.v = [np.zeros((n_ctx, n_head_kv, head_dim_v), dtype) for _ in range(n_layer)]
 
 
 class NumpyBackend:
     name = "numpy"
 
-    def __init__(self, threads: int | None = None, cache_type: str = "f32"):
+    def __init__(self, threads: int | None = None, cache_type: str = "f16", act_quant: bool = True):
+        """act_quant: round activations to each weight's vec_dot_type first, as llama.cpp's CPU path does, so
+        the reference follows llama.cpp's arithmetic (and the integer kernels') rather than exact f32.
+        cache_type "f16" (llama.cpp's default) also rounds Q and the attention weights to f16 where ggml's
+        f16 dot products do; "f32" keeps everything exact."""
+        if cache_type not in ("f32", "f16"):
+            from .errors import PyquantError
+
+            raise PyquantError(f"the numpy backend keeps f32 or f16 KV caches, not {cache_type!r}")
         self._weights: dict[int, np.ndarray] = {}
         self.cache_type = cache_type
+        self.act_quant = act_quant
 
     # --- weights ---------------------------------------------------------------------------------------
     def weight(self, t: TensorInfo) -> TensorInfo:
@@ -83,6 +102,9 @@ class NumpyBackend:
         return dequantize(rows, w.type, (len(ids), w.shape[1]))
 
     def linear(self, x: np.ndarray, w: TensorInfo, bias: np.ndarray | None = None) -> np.ndarray:
+        act = VEC_DOT_TYPE.get(w.type) if self.act_quant else None
+        if act:
+            x = dequantize(quantize(np.ascontiguousarray(x, np.float32), act), act, x.shape)
         y = x @ self._dense(w).T  # (T, K) @ (K, N)
         return y + bias if bias is not None else y
 
@@ -128,7 +150,7 @@ class NumpyBackend:
 
     # --- attention ---------------------------------------------------------------------------------------
     def new_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> KVCache:
-        return KVCache(n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v)
+        return KVCache(n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v, np.float16 if self.cache_type == "f16" else np.float32)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, layer: int, pos0: int,
                   scale: float, window: int = 0) -> np.ndarray:
@@ -137,14 +159,17 @@ class NumpyBackend:
         end = pos0 + t
         cache.k[layer][pos0:end] = k
         cache.v[layer][pos0:end] = v
-        keys, values = cache.k[layer][:end], cache.v[layer][:end]  # (S, G, Dh)
+        low = cache.dtype  # f16 caches: ggml's f16 dot products round the other operand to f16 too
+        keys = cache.k[layer][:end].astype(np.float32)  # (S, G, Dh)
+        values = cache.v[layer][:end].astype(np.float32)
         group = n_head // keys.shape[1]
         keys = np.repeat(keys, group, axis=1).transpose(1, 2, 0)  # (H, Dh, S)
         values = np.repeat(values, group, axis=1).transpose(1, 0, 2)  # (H, S, Dv)
+        q = q.astype(low).astype(np.float32)
         scores = np.matmul(q.transpose(1, 0, 2), keys) * np.float32(scale)  # (H, T, S)
         allowed = attention_mask(np.arange(pos0, end), np.arange(end), window)
         scores = np.where(allowed[None], scores, -np.inf)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = np.matmul(scores, values)  # (H, T, Dv)
+        out = np.matmul(scores.astype(low).astype(np.float32), values)  # (H, T, Dv)
         return out.transpose(1, 0, 2).reshape(t, -1)
