@@ -13,12 +13,12 @@ vendor/llama.cpp); regenerate it when the pinned llama-cpp-python moves.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,42 +58,50 @@ def write_unicode_table(unicode_data_cpp: Path) -> Path:
 
 
 def record(name: str) -> Path:
-    from test_tokenizer import LlamaOracle, corpus, wikitext_text
+    from test_tokenizer import LlamaOracle, extras, ids_digest, lines_digest, wikitext_lines, wikitext_text
 
     oracle = LlamaOracle(name)
     cases = []
-    for text in corpus():
+    for text in extras():
         case = {"text": text}
         for add_special in (True, False):
             for parse_special in (True, False):
-                case[f"ids_{int(add_special)}{int(parse_special)}"] = oracle.tokenize(
-                    text, add_special, parse_special
-                )
-        ids = case["ids_11"]
-        case["decoded_hex"] = {
-            f"{int(special)}{int(remove)}": oracle.detokenize(ids, remove, special).hex()
+                key = f"ids_{int(add_special)}{int(parse_special)}"
+                case[key] = oracle.tokenize(text, add_special, parse_special)
+        case["decoded"] = {
+            f"{int(special)}{int(remove)}": bytes_to_json(oracle.detokenize(case["ids_11"], remove, special))
             for special in (True, False)
             for remove in (True, False)
         }
         cases.append(case)
-    full = oracle.tokenize(wikitext_text(), True, True)
+    lines = wikitext_lines()
+    full = oracle.tokenize(wikitext_text())
     golden = {
         "model": name,
+        "llama_cpp_python": version("llama-cpp-python"),
         "n_vocab": oracle.n_vocab(),
         "bos_id": oracle.bos(),
         "eos_id": oracle.eos(),
+        "eot_id": oracle.lib.llama_vocab_eot(oracle.vocab),
         "eog_ids": sorted(oracle.eog_ids()),
+        "wikitext_lines": {"n": len(lines), "sha256": lines_digest(oracle.tokenize, lines)},
         "wikitext_test": {"n_tokens": len(full), "sha256": ids_digest(full)},
         "cases": cases,
     }
     out = ROOT / "tests" / "golden" / f"tokenizer_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(golden, ensure_ascii=False, indent=0) + "\n")
+    head = json.dumps({k: v for k, v in golden.items() if k != "cases"}, ensure_ascii=False)[:-1]
+    body = ",\n".join(json.dumps(case, ensure_ascii=False) for case in cases)
+    out.write_text(f'{head}, "cases": [\n{body}\n]}}\n', encoding="utf-8")
     return out
 
 
-def ids_digest(ids: list[int]) -> str:
-    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+def bytes_to_json(data: bytes) -> str:
+    """Decoded text as a JSON string: the text when it is UTF-8, else "hex:" and its bytes in hex."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "hex:" + data.hex()
 
 
 def main() -> None:

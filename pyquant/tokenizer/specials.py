@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from enum import IntFlag
 
+from ..errors import PyquantError
+
 
 class Attr(IntFlag):
     """llama_token_attr."""
@@ -49,10 +51,11 @@ AUTO_IDS = {
 }
 EOG_TEXTS = frozenset(
     (
-        "<|eot_id|> <|im_end|> <|end|> <|return|> <|call|> <|flush|> <|calls|> <end_of_turn> <|endoftext|> "
-        "</s> <|eom_id|> <EOT> _<EOT> [EOT] [EOS] <|end_of_text|> <end_of_utterance> <eos> <turn|> "
-        "<|tool_response> <｜end▁of▁sentence｜> [e~["
-    ).split()
+        *("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>"),
+        *("<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]"),
+        *("<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>"),
+        *("<｜end▁of▁sentence｜>", "[e~["),
+    )
 )
 ALWAYS_RENDERED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss: set USER_DEFINED
 
@@ -87,10 +90,10 @@ def special_ids(
     eog |= {ids[k] for k in ("eos", "eot", "eom") if ids.get(k, -1) != -1}
     by_text = {texts[tid]: tid for tid in eog if 0 <= tid < len(texts)}
     # o200k_harmony / solar-open: "<|end|>" is not the end of generation there
-    if "<|end|>" in by_text and ("<|call|>" in by_text or "<|calls|>" in by_text):
-        if "<|return|>" in by_text or "<|flush|>" in by_text:
-            eog.discard(by_text["<|end|>"])
-            attrs[by_text["<|end|>"]] = Attr.USER_DEFINED
+    has_call = "<|call|>" in by_text or "<|calls|>" in by_text
+    if "<|end|>" in by_text and has_call and ("<|return|>" in by_text or "<|flush|>" in by_text):
+        eog.discard(by_text["<|end|>"])
+        attrs[by_text["<|end|>"]] = Attr.USER_DEFINED
     # gemma4 and plamo have a normal </s>
     if "</s>" in by_text and ("<|tool_response>" in by_text or "<|plamo:eos|>" in by_text):
         eog.discard(by_text["</s>"])
@@ -104,10 +107,12 @@ def strip_attrs(meta: dict, token_to_id: dict[str, int], attrs: list[int], speci
     pre = str(meta.get("tokenizer.ggml.pre", ""))
     arch = str(meta.get("general.architecture", ""))
 
-    def set_attr(text: str, attr: Attr, on: bool) -> None:
+    def set_attr(text: str, attr: Attr, on: bool, required: bool = False) -> None:
         if text in token_to_id:
             tid = token_to_id[text]
             attrs[tid] = attrs[tid] | attr if on else attrs[tid] & ~attr
+        elif required:  # llama.cpp fails to load such a vocabulary
+            raise PyquantError(f"model {name!r} is treated as Phi-3, but its vocabulary lacks {text!r}")
 
     if any(s in pre for s in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or arch in (
         "nomic-bert-moe",
@@ -117,9 +122,9 @@ def strip_attrs(meta: dict, token_to_id: dict[str, int], attrs: list[int], speci
     elif "phi-3" in name or "phi3" in name:
         for tid in special:
             attrs[tid] |= Attr.RSTRIP
-        set_attr("</s>", Attr.RSTRIP, True)
+        set_attr("</s>", Attr.RSTRIP, True, required=True)
         for text in ("<unk>", "<s>", "<|endoftext|>"):
-            set_attr(text, Attr.RSTRIP, False)
+            set_attr(text, Attr.RSTRIP, False, required=True)
     elif "modern-bert" in name:
         set_attr("[MASK]", Attr.LSTRIP, True)
 
