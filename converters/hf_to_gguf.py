@@ -1,0 +1,207 @@
+"""`pyquant convert HF_DIR -o OUT.gguf --type TYPE`: a Hugging Face checkpoint folder to a GGUF file llama.cpp loads.
+
+The steps, each in its own module:
+1. config.json -> an Architecture (llama.py, qwen2.py, gemma3.py) and its GGUF hyperparameters;
+2. the tokenizer folder -> tokenizer.ggml.* metadata (vocab.py);
+3. every checkpoint tensor -> its GGUF name (tensor_map.py), checked against the tensors each block needs;
+4. per-tensor ggml types for the file type, llama.cpp's mixture rules (mixtures.py);
+5. a streaming write (pyquant.gguf.write_gguf): each tensor is read from the memory-mapped checkpoint
+   (safetensors_io.py), fixed up (Q/K permutation, norm offset), quantized with pyquant.quants and written
+   before the next is read, into a temp file renamed over OUT only at the end.
+Peak memory is about one tensor in float32 plus its quantized bytes, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from pyquant.errors import PyquantError
+from pyquant.gguf.writer import TensorSpec, write_gguf
+from pyquant.quants import quantize
+
+from . import gemma3, llama, qwen2
+from .mixtures import FILE_TYPES, tensor_types
+from .safetensors_io import TensorSource
+from .tensor_map import Architecture, TensorMap
+from .vocab import export_vocab
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES: tuple[Architecture, ...] = (llama.ARCH, qwen2.ARCH, gemma3.ARCH)
+BY_MODEL_TYPE = {mt: a for a in ARCHITECTURES for mt in a.model_types}
+
+
+def load_config(folder: Path) -> tuple[dict, Architecture]:
+    """The text model's config.json (a multimodal wrapper's text_config merged in) and its architecture."""
+    if not folder.is_dir():
+        raise PyquantError(f"{folder}: not a folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise PyquantError(f"{folder}: no config.json (not a Hugging Face checkpoint folder)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise PyquantError(f"{path}: not valid JSON: {e}") from None
+    model_type = cfg.get("model_type")
+    if model_type not in BY_MODEL_TYPE:
+        raise PyquantError(
+            f"{path}: unsupported architecture {model_type!r}; supported model_types: {', '.join(BY_MODEL_TYPE)}"
+        )
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**{k: v for k, v in cfg.items() if k != "text_config"}, **cfg["text_config"]}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in cfg and not (model_type.startswith("gemma3") and key == "num_attention_heads"):
+            raise PyquantError(f"{path}: missing {key!r}")
+    return cfg, BY_MODEL_TYPE[model_type]
+
+
+def _hf_name_hint(tmap: TensorMap, gguf_name: str) -> str:
+    """An HF name that maps to `gguf_name`, for error messages (`model.layers.1.self_attn.q_proj.weight`)."""
+    base, _, suffix = gguf_name.rpartition(".")
+    keys = [k for k, (_, n) in tmap._map.mapping.items() if n == base]
+    best = next((k for k in keys if k.startswith("model.")), keys[0] if keys else base)
+    return f"{best}.{suffix}"
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    cfg: dict
+    metadata: dict
+    specs: list[TensorSpec]
+    source: TensorSource
+
+
+def plan(folder: str | Path, file_type: str = "f16", name: str | None = None) -> Plan:
+    """Everything about the output except the tensor bytes: metadata, names, shapes, types, producers."""
+    folder = Path(folder)
+    if file_type not in FILE_TYPES:
+        raise PyquantError(f"unknown --type {file_type!r}; choose one of: {', '.join(FILE_TYPES)}")
+    cfg, arch = load_config(folder)
+    source = TensorSource(folder)
+    n_blocks = int(cfg["num_hidden_layers"])
+    tmap = TensorMap(arch, n_blocks)
+    tied = bool(cfg.get("tie_word_embeddings", arch.tied_default))
+
+    hf_of: dict[str, str] = {}  # GGUF name -> HF name
+    for hf_name in source.names():
+        g = tmap.gguf_name(hf_name)
+        if g is None or (tied and g == "output.weight"):
+            continue
+        if g in hf_of:
+            raise PyquantError(f"{folder}: tensors {hf_of[g]!r} and {hf_name!r} both map to {g!r}")
+        hf_of[g] = hf_name
+    required = tmap.required(tied)
+    for g in required:
+        if g not in hf_of:
+            raise PyquantError(f"{folder}: missing tensor {_hf_name_hint(tmap, g)!r} (GGUF {g})")
+
+    vocab = export_vocab(folder, int(cfg["vocab_size"]), arch.name)
+    n_vocab = len(vocab[gguf.Keys.Tokenizer.LIST])
+    rows = source.shape(hf_of["token_embd.weight"])[0]
+    if rows < n_vocab:
+        raise PyquantError(f"{folder}: embedding has {rows} rows for {n_vocab} tokens")
+
+    def block_key(g: str) -> tuple:
+        m = re.match(r"blk\.(\d+)\.", g)
+        if g == "token_embd.weight":
+            return (0, 0, 0)
+        if m is None:
+            return (2, 0, g != "output_norm.weight")
+        pos = required.index(g) if g in required else len(required)
+        return (1, int(m.group(1)), pos, g)
+
+    shapes = {g: source.shape(h) for g, h in hf_of.items()}
+    shapes["token_embd.weight"] = (n_vocab, *shapes["token_embd.weight"][1:])
+    extra = {}
+    if arch is llama.ARCH and (freqs := llama.rope_freqs(cfg)) is not None:
+        extra["rope_freqs.weight"] = freqs
+        shapes["rope_freqs.weight"] = freqs.shape
+    types = tensor_types(file_type, shapes, n_blocks)
+
+    def producer(g: str):
+        def produce() -> np.ndarray:
+            if g in extra:
+                x = extra[g]
+            else:
+                x = arch.fix(g, source.load(hf_of[g]), cfg)
+                if g == "token_embd.weight":
+                    x = x[:n_vocab]
+            return quantize(x, types[g])
+
+        return produce
+
+    order = sorted(shapes, key=lambda g: (0, 0, 1) if g == "rope_freqs.weight" else block_key(g))
+    specs = [TensorSpec(g, types[g], shapes[g], producer(g)) for g in order]
+
+    metadata = {
+        "general.architecture": arch.name,
+        "general.type": "model",
+        "general.name": name
+        or str(cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or folder.resolve().name),
+        **arch.hparams(cfg),
+        "general.file_type": int(FILE_TYPES[file_type][0]),
+        "general.quantization_version": gguf.GGML_QUANT_VERSION,
+        **vocab,
+    }
+    return Plan(arch, cfg, metadata, specs, source)
+
+
+def convert(
+    folder: str | Path, output: str | Path, file_type: str = "f16", progress=None, name: str | None = None
+) -> Path:
+    """Convert the HF checkpoint in `folder` to the GGUF file `output`; returns its path."""
+    p = plan(folder, file_type, name)
+    return write_gguf(output, p.metadata, p.specs, progress=progress)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "hf_dir", help="Hugging Face checkpoint folder (config.json, safetensors or .bin, tokenizer)"
+    )
+    p.add_argument("-o", "--output", required=True, help="GGUF file to write (replaced atomically)")
+    p.add_argument("--type", default="f16", choices=list(FILE_TYPES), help="file type (default f16)")
+    p.add_argument("--name", help="general.name (default: from config.json or the folder name)")
+
+
+class _Bar:
+    """A one-line progress bar on stderr, redrawn only on a terminal."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.t0, self.tty = stream, time.time(), stream.isatty()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.tty:
+            return
+        width = 30
+        fill = width * done // total
+        line = f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {time.time() - self.t0:5.1f}s {name[:40]:<40}"
+        self.stream.write(line)
+        self.stream.flush()
+        if done == total:
+            self.stream.write("\n")
+
+
+def run(args) -> int:
+    t0 = time.time()
+    p = plan(Path(args.hf_dir), args.type, args.name)
+    out = write_gguf(args.output, p.metadata, p.specs, progress=_Bar())
+    size = out.stat().st_size
+    print(
+        f"pyquant: wrote {out} ({p.arch.name}, {args.type}, {len(p.specs)} tensors, {size / 2**20:.1f} MiB) "
+        f"in {time.time() - t0:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
