@@ -96,7 +96,6 @@ class Tokenizer:
 
         special = [i for i, a in enumerate(self.attrs) if a & SPECIAL]
         self._pieces: list[bytes | None] = [None] * n  # token_to_piece(special=True), built on demand
-        self._pieces_attrs = list(self.attrs)  # llama.cpp fills its piece cache before the strip attributes
         strip_attrs(meta, self.token_to_id, self.attrs, special)
         self._specials = SpecialSplitter(
             [self.texts[i] for i in special], special, [self.attrs[i] for i in special]
@@ -225,7 +224,7 @@ class Tokenizer:
         return piece
 
     def _piece(self, token: int) -> bytes:
-        attr, text = self._pieces_attrs[token], self.texts[token]
+        attr, text = self.attrs[token], self.texts[token]
         if attr & (Attr.UNKNOWN | Attr.CONTROL | Attr.USER_DEFINED):
             return text.encode()
         if attr & Attr.NORMAL:
