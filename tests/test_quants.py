@@ -114,6 +114,20 @@ GGML = _load_ggml()
 needs_ggml = pytest.mark.skipif(GGML is None, reason="llama-cpp-python (libggml-base) not installed")
 
 
+def _load_ggml_cpu():
+    """libggml-cpu, whose run-time activation quantizers are SIMD code; None unless x86 with AVX."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if GGML is None or not cpuinfo.exists() or " avx " not in cpuinfo.read_text():
+        return None
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    for fn in (lib.quantize_row_q8_0, lib.quantize_row_q8_K):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
 def ggml_quantize(x: np.ndarray, name: str) -> np.ndarray:
     """llama.cpp's own bytes for float32 rows x (rows, n)."""
     fmt = Q.get_format(name)
@@ -225,6 +239,25 @@ def test_quantize_matches_ggml_on_real_weights(name):
     rmse = math.sqrt(float(np.mean((Q.dequantize(ours, name, w.shape) - w) ** 2)))
     rmse_ggml = math.sqrt(float(np.mean((Q.dequantize(ref, name, w.shape) - w) ** 2)))
     assert rmse <= rmse_ggml
+
+
+def test_activation_quantizers_match_ggml_cpu_at_run_time():
+    """What llama.cpp's x86 CPU backend feeds its dot products: Q8_K as the reference, Q8_0 its own rounding."""
+    cpu = _load_ggml_cpu()
+    if cpu is None:
+        pytest.skip("needs llama-cpp-python on an x86 CPU with AVX")
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.standard_normal((256, 256)), rng.integers(-8, 9, (16, 256)) / 2.0])
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    for name, fn, quantize_blocks in [
+        ("q8_0", cpu.quantize_row_q8_0, Q.q8_0.quantize_blocks_x86),
+        ("q8_k", cpu.quantize_row_q8_K, Q.q8_k.quantize_blocks),
+    ]:
+        fmt = Q.FORMATS[name]
+        ref = np.zeros((x.size // fmt.block_size, fmt.type_size), dtype=np.uint8)
+        fn(x.ctypes.data, ref.ctypes.data, x.size)
+        ours = quantize_blocks(x.reshape(-1, fmt.block_size))
+        assert_same_bytes(ours, ref, fmt.type_size, f"{name} vs ggml-cpu's run-time quantizer")
 
 
 @pytest.mark.parametrize("model", ["qwen", "gemma"])
