@@ -63,9 +63,8 @@ def dequantize_blocks(b: np.ndarray) -> np.ndarray:
     d = f16_field(b[:, 208:210])
     sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8)
     sub_d = (d * sc.astype(F32))[:, :, None]  # (n, 16, 1)
-    lo = unpack_bits(
-        b[:, :128].reshape(-1, 64), (0, 4), 0x0F
-    )  # (2n, nibble, 64): quarter = 2*nibble + byte//32
+    # per half: (2n, nibble, 64 bytes) -> quarter k = 2 * nibble + byte // 32, in order
+    lo = unpack_bits(b[:, :128].reshape(-1, 64), (0, 4), 0x0F)
     hi = unpack_bits(b[:, 128:192].reshape(-1, 32), CRUMB_SHIFTS, 3)  # (2n, 4, 32)
     q = (lo.reshape(-1, 4, 32) | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)
     return (sub_d * q.reshape(-1, 16, 16).astype(F32)).reshape(-1, QK_K)
