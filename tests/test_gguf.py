@@ -60,9 +60,8 @@ def test_tensors_match_gguf_py(pair):
         a = t.array()  # typed view: float32 in numpy order, or (rows, bytes per row) for block formats
         rows = ref_data.size // ref_data.shape[-1]
         assert a.shape == (t.shape if t.type == "f32" else (rows, ref_data.shape[-1])), rt.name
-        assert a.dtype == ref_data.dtype and np.array_equal(a.reshape(ref_data.shape)[:2], ref_data[:2]), (
-            rt.name
-        )
+        same = a.dtype == ref_data.dtype and np.array_equal(a.reshape(ref_data.shape)[:2], ref_data[:2])
+        assert same, rt.name
 
 
 def _bases(a):
@@ -130,14 +129,9 @@ def _packed(ttype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) // block * size, dtype=np.uint8)
 
 
-def _specs(tensors=ROUND_TRIP_TENSORS, fail_at: int | None = None):
-    def produce(i, ttype, shape):
-        if i == fail_at:
-            raise RuntimeError("produce failed")
-        return _packed(ttype, shape, i)
-
+def _specs(tensors=ROUND_TRIP_TENSORS) -> list[TensorSpec]:
     return [
-        TensorSpec(n, t, s, lambda i=i, t=t, s=s: produce(i, t, s)) for i, (n, t, s) in enumerate(tensors)
+        TensorSpec(n, t, s, lambda i=i, t=t, s=s: _packed(t, s, i)) for i, (n, t, s) in enumerate(tensors)
     ]
 
 
@@ -228,35 +222,23 @@ def test_writer_wrong_byte_count_is_an_error_and_atomic(tmp_path):
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.gguf"]
 
 
+X = {"general.architecture": "x"}
+
+
 @pytest.mark.parametrize(
     "where, metadata, specs, message",
     [
-        ("missing/out.gguf", {"general.architecture": "x"}, [], "does not exist"),
-        ("", {"general.architecture": "x"}, [], "is a directory"),
+        ("missing/out.gguf", X, [], "does not exist"),
+        ("", X, [], "is a directory"),
         ("out.gguf", {}, [], "needs general.architecture"),
-        (
-            "out.gguf",
-            {"general.architecture": "x"},
-            [TensorSpec("w", "q9_z", (32,), None)],
-            "unknown ggml type",
-        ),
-        (
-            "out.gguf",
-            {"general.architecture": "x"},
-            [TensorSpec("w", "q4_k", (2, 100), None)],
-            "not a multiple",
-        ),
-        ("out.gguf", {"general.architecture": "x"}, [TensorSpec("w", "f32", (), None)], "1 to 4 positive"),
-        (
-            "out.gguf",
-            {"general.architecture": "x"},
-            [TensorSpec("w", "f32", (1,), None)] * 2,
-            "duplicate tensor",
-        ),
-        ("out.gguf", {"general.architecture": "x", "k": 2**70}, [], "does not fit"),
-        ("out.gguf", {"general.architecture": "x", "k": [1, "a"]}, [], "one scalar type"),
-        ("out.gguf", {"general.architecture": "x", "k": object()}, [], "cannot store"),
-        ("out.gguf", {"general.architecture": "x", "general.alignment": 48}, [], "power of two"),
+        ("out.gguf", X, [TensorSpec("w", "q9_z", (32,), None)], "unknown ggml type"),
+        ("out.gguf", X, [TensorSpec("w", "q4_k", (2, 100), None)], "not a multiple"),
+        ("out.gguf", X, [TensorSpec("w", "f32", (), None)], "1 to 4 positive"),
+        ("out.gguf", X, [TensorSpec("w", "f32", (1,), None)] * 2, "duplicate tensor"),
+        ("out.gguf", {**X, "k": 2**70}, [], "does not fit"),
+        ("out.gguf", {**X, "k": [1, "a"]}, [], "one scalar type"),
+        ("out.gguf", {**X, "k": object()}, [], "cannot store"),
+        ("out.gguf", {**X, "general.alignment": 48}, [], "power of two"),
     ],
 )
 def test_writer_bad_input_is_a_pyquant_error(tmp_path, where, metadata, specs, message):

@@ -90,8 +90,8 @@ HOSTILE = {  # id -> (bytes, what the one-line error must say)
         "not a multiple of q4_k block size 256",
     ),
     "key-length-2^63": (
-        with_tensors(u64(2**63) + b"x" * 40, kvs=()),
-        "bad string length 9223372036854775808",
+        gguf([u64(2**63) + b"x" * 40]),
+        "bad string length 9223372036854775808 for metadata key",
     ),
     "key-length-past-end": (gguf([u64(200) + b"general"], n_kv=1), "bad string length 200 for metadata key"),
     "value-length-past-end": (
@@ -125,7 +125,7 @@ HOSTILE = {  # id -> (bytes, what the one-line error must say)
     ),
     "array-string-past-end": (
         gguf([kv("k", V.ARRAY, u32(V.STRING) + u64(2) + gstr("a") + u64(99))]),
-        "element 1",
+        "bad string length 99 for element 1 of 'k'",
     ),
     "value-type-99": (gguf([kv("k", 99, bytes(8))]), "unknown value type 99 for 'k'"),
     "value-type-u32-max": (gguf([kv("k", 2**32 - 1, bytes(8))]), "unknown value type 4294967295"),
@@ -158,7 +158,8 @@ HOSTILE = {  # id -> (bytes, what the one-line error must say)
     "data-start-past-end": (with_tensors(TA, data=b"")[:-4], "tensor data would start at"),
     "cut-in-data": (VALID[:-1], "'b' data [224, 258) runs past the end of the 257-byte file"),
 }
-FAST_SECONDS, SMALL_ALLOCATION = 1.0, 16 << 20
+FAST_SECONDS, SMALL_ALLOCATION = 1.0, 16 << 20  # a small file: fail within a second, no big buffers
+REAL_SECONDS = 3.0  # a real header: its 6 MB vocabulary may be parsed first (~0.2 s idle, more on a busy box)
 
 
 def test_builder_makes_valid_files(tmp_path):
@@ -220,7 +221,7 @@ REAL_EDITS = {  # id -> (where in the real qwen header, the bytes written there,
     "real-key-length-2^63": (
         _kv("general.architecture", "at"),
         u64(2**63),
-        "bad string length 92233720368547",
+        "bad string length 9223372036854775808 for metadata key",
     ),
     "real-key-not-utf8": (_kv("general.type", "at", 8), b"\xff", "metadata key is not valid UTF-8"),
     "real-duplicate-key": (
@@ -356,7 +357,7 @@ def test_real_header_edit(case, hostile_files, cli_results):
     path, expect = hostile_files[case]
     t0 = time.perf_counter()
     message = str(pytest.raises(GGUFError, GGUFFile, path).value)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < REAL_SECONDS
     assert expect in message and str(path) in message and "\n" not in message, message
     if case in REAL_CLI:
         assert_one_line_error(cli_results[case], expect)
@@ -377,7 +378,8 @@ def test_truncated_real_header_everywhere(tmp_path, qwen_header):
         t0 = time.perf_counter()
         with pytest.raises(GGUFError, match=r"truncated") as err:
             GGUFFile(path)
-        assert time.perf_counter() - t0 < 2.0 and _expect_cut(seed, cut) in str(err.value), (cut, err.value)
+        assert time.perf_counter() - t0 < REAL_SECONDS, cut
+        assert _expect_cut(seed, cut) in str(err.value), (cut, err.value)
         path.unlink()
 
 
@@ -391,14 +393,14 @@ def test_missing_file_and_folder(cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def inspected(real_model, oracle, cli):
-    """(gguf-py's reader, `pyquant inspect --tensors` stdout, `--json` stdout) of a real model."""
+    """(gguf-py's reader, `pyquant inspect --tensors` stdout, `--json` stdout, path) of a real model."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = [pool.submit(cli, "inspect", *flags, str(real_model)) for flags in (["--tensors"], ["--json"])]
         ref = oracle(real_model)
     text, js = (r.result() for r in runs)
     for proc in (text, js):
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    return ref, text.stdout, js.stdout
+    return ref, text.stdout, js.stdout, real_model
 
 
 def _sections(stdout: str) -> dict[str, list[str]]:
@@ -420,7 +422,7 @@ def _per_type(ref) -> dict[str, tuple[int, int, int]]:
 
 
 def test_inspect_summary_line(inspected):
-    ref, stdout, _ = inspected
+    ref, stdout, *_ = inspected
     head = _sections(stdout)["head"][0]
     counts = f"{len(_metadata(ref))} metadata keys, {len(ref.tensors)} tensors"
     want = f"GGUF v3, {counts}, data at offset {ref.data_offset}"
@@ -428,13 +430,13 @@ def test_inspect_summary_line(inspected):
 
 
 def test_inspect_lists_every_key_with_its_type(inspected):
-    ref, stdout, _ = inspected
+    ref, stdout, *_ = inspected
     rows = [line.split()[:2] for line in _sections(stdout)["metadata"][1:]]
     assert rows == [[k, f.types[0].name.lower()] for k, f in _metadata(ref).items()]
 
 
 def test_inspect_table_lists_every_tensor(inspected):
-    ref, stdout, _ = inspected
+    ref, stdout, *_ = inspected
     rows = [line.split() for line in _sections(stdout)["tensors"][2:]]
     want = [
         [
@@ -450,7 +452,7 @@ def test_inspect_table_lists_every_tensor(inspected):
 
 
 def test_inspect_totals_per_type(inspected):
-    ref, stdout, _ = inspected
+    ref, stdout, *_ = inspected
     rows = [line.split() for line in _sections(stdout)["per"][2:]]
     want = sorted(_per_type(ref).items(), key=lambda kv: -kv[1][2])
     assert rows == [[k, str(n), f"{p:,}", f"{b:,}", f"{8 * b / p:.2f}"] for k, (n, p, b) in want]
@@ -458,30 +460,35 @@ def test_inspect_totals_per_type(inspected):
     assert bpw["f32"] == 32 and bpw["q8_0"] == 8.5 and bpw["q4_k"] == 4.5 and bpw["q6_k"] == 6.5625
 
 
+# Hugging Face model cards: Qwen2.5-0.5B has 494,032,768 parameters with tied embeddings (this GGUF also
+# stores output.weight, 151936 x 896); gemma-3-270m has 268,098,176.
+PUBLISHED_PARAMS = {"qwen": 494_032_768 + 151_936 * 896, "gemma": 268_098_176}
+
+
 def test_inspect_parameter_count(inspected):
-    ref, stdout, _ = inspected
+    ref, stdout, _, path = inspected
     n_params = sum(int(t.n_elements) for t in ref.tensors)
     n_bytes = sum(int(t.n_bytes) for t in ref.tensors)
     line = _sections(stdout)["parameters"][0]
     assert line.startswith(f"parameters: {n_params:,} ({n_params / 1e9:.3f} B)")
-    assert f"tensor bytes: {n_bytes:,}" in line and line.endswith(
-        f"bits per weight: {8 * n_bytes / n_params:.3f}"
-    )
-    assert n_bytes == os.path.getsize(ref.data.filename) - ref.data_offset - _tail_padding(ref)
+    assert f"tensor bytes: {n_bytes:,}" in line
+    assert line.endswith(f"bits per weight: {8 * n_bytes / n_params:.3f}")
+    model = "qwen" if "qwen" in path.name else "gemma"
+    assert n_params == PUBLISHED_PARAMS[model]
 
 
-def _tail_padding(ref) -> int:
-    last = max(ref.tensors, key=lambda t: t.data_offset)
-    return (
-        len(ref.data)
-        - (last.data_offset + int(last.n_bytes))
-        + sum((-int(t.n_bytes)) % ref.alignment for t in ref.tensors if t is not last)
-    )
+def test_tensor_bytes_tile_the_data(inspected):
+    """The byte counts behind the totals are right: tensors follow each other, padded to the alignment."""
+    ref, *_ = inspected
+    spans = sorted((int(t.data_offset), int(t.n_bytes)) for t in ref.tensors)
+    padded = [-(-n // ref.alignment) * ref.alignment for _, n in spans]
+    assert [o for o, _ in spans] == [ref.data_offset + sum(padded[:i]) for i in range(len(spans))]
+    assert spans[-1][0] + spans[-1][1] <= len(ref.data)
 
 
 def test_inspect_json(inspected):
-    ref, _, stdout = inspected
-    obj = json.loads(stdout)
+    ref, _, stdout, _ = inspected
+    obj = json.loads(stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert set(obj) == {"metadata", "tensors"}
     fields = _metadata(ref)
     assert list(obj["metadata"]) == list(fields)
