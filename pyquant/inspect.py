@@ -4,6 +4,7 @@ weight and parameter count; `--json` prints one object for machines."""
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -20,14 +21,20 @@ def add_arguments(p):
 
 
 def _plain(value):
+    """JSON-ready: arrays as lists; NaN and infinities (JSON has none) as the strings "nan", "inf", "-inf"."""
     if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return [_plain(float(v)) for v in value]
         return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     return value
 
 
 def _summary(value) -> str:
     if isinstance(value, (list, np.ndarray)):
-        items = list(_plain(value[:ARRAY_PREVIEW]))
+        head = value[:ARRAY_PREVIEW]
+        items = head.tolist() if isinstance(head, np.ndarray) else list(head)
         more = f", ... ({len(value)} items)" if len(value) > ARRAY_PREVIEW else ""
         return "[" + ", ".join(repr(x) for x in items) + more + "]"
     text = repr(value)
@@ -48,7 +55,7 @@ def describe(path) -> dict:
 
 def run(args) -> int:
     if args.json:
-        print(json.dumps(describe(args.file), ensure_ascii=False))
+        print(json.dumps(describe(args.file), ensure_ascii=False, allow_nan=False))
         return 0
     f = GGUFFile(args.file)
     print(f"{args.file}: GGUF v{f.version}, {len(f.metadata)} metadata keys, {len(f.tensors)} tensors, "
