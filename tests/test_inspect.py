@@ -383,6 +383,17 @@ def test_truncated_real_header_everywhere(tmp_path, qwen_header):
         path.unlink()
 
 
+def test_inspect_json_is_strict_with_nan_metadata(cli, tmp_path):
+    nan, inf = struct.pack("<f", float("nan")), struct.pack("<f", float("inf"))
+    scores = kv("s", V.ARRAY, u32(V.FLOAT32) + u64(3) + nan + inf + struct.pack("<f", -1.5))
+    path = tmp_path / "nan.gguf"
+    path.write_bytes(gguf([ARCH, kv("x", V.FLOAT32, nan), scores]))
+    proc = cli("inspect", "--json", str(path))
+    meta = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))["metadata"]
+    assert proc.returncode == 0 and meta["x"] == "nan" and meta["s"] == ["nan", "inf", -1.5]
+    assert "[nan, inf, -1.5]" in cli("inspect", str(path)).stdout
+
+
 def test_missing_file_and_folder(cli, tmp_path):
     assert_one_line_error(cli("inspect", str(tmp_path / "nope.gguf")), "No such file")
     assert_one_line_error(cli("inspect", str(tmp_path)), "not a regular file")
