@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from .gguf import TensorInfo
-from .quants import dequantize, quantize
+from .quants import dequantize, q8_0, quantize
 
 # The format ggml rounds activations to before a dot product with a weight of each type (its vec_dot_type).
 # Q8_1 holds the same int8 values as Q8_0 (plus a sum), so Q8_0 stands for both here.
@@ -43,11 +43,27 @@ def make_backend(name: str, **options):
     return getattr(importlib.import_module(module), cls)(**options)
 
 
+def round_activations(x: np.ndarray, act: str) -> np.ndarray:
+    """x as ggml's CPU path sees it after quantizing to `act` (Q8_0 the way its x86 SIMD code rounds)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if act == "q8_0":
+        blocks = q8_0.quantize_blocks_x86(x.reshape(-1, 32))
+        return q8_0.dequantize_blocks(blocks).reshape(x.shape)
+    return dequantize(quantize(x, act), act, x.shape)
+
+
 def rope_cos_sin(positions: np.ndarray, n_rot: int, base: float, freq_scale: float = 1.0):
-    """cos/sin tables (T, n_rot/2) for rotary embeddings at the given positions (float32, as ggml)."""
-    inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
-    theta = (positions.astype(np.float64)[:, None] * freq_scale) * inv[None, :]
-    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+    """cos/sin tables (T, n_rot/2) for rotary embeddings, computed as ggml does: in float32, the angle
+    of pair i built by repeated multiplication with powf(base, -2/n_rot) (not an exact power), so the
+    tables agree with llama.cpp's to the last bit rather than to 1e-7."""
+    f32 = np.float32
+    theta_scale = f32(np.power(f32(base), f32(-2.0) / f32(n_rot), dtype=f32))
+    theta = positions.astype(f32)
+    thetas = np.empty((len(positions), n_rot // 2), f32)
+    for i in range(n_rot // 2):
+        thetas[:, i] = f32(freq_scale) * theta
+        theta = theta * theta_scale
+    return np.cos(thetas), np.sin(thetas)
 
 
 def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int) -> np.ndarray:
@@ -73,8 +89,8 @@ class NumpyBackend:
     name = "numpy"
 
     def __init__(self, threads: int | None = None, cache_type: str = "f16", act_quant: bool = True):
-        """act_quant: round activations to each weight's vec_dot_type first, as llama.cpp's CPU path does, so
-        the reference follows llama.cpp's arithmetic (and the integer kernels') rather than exact f32.
+        """act_quant: follow llama.cpp's CPU arithmetic rather than exact f32: activations rounded to each
+        weight's vec_dot_type before the product (as the integer kernels do), GELU through ggml's f16 table.
         cache_type "f16" (llama.cpp's default) also rounds Q and the attention weights to f16 where ggml's
         f16 dot products do; "f32" keeps everything exact."""
         if cache_type not in ("f32", "f16"):
@@ -104,7 +120,7 @@ class NumpyBackend:
     def linear(self, x: np.ndarray, w: TensorInfo, bias: np.ndarray | None = None) -> np.ndarray:
         act = VEC_DOT_TYPE.get(w.type) if self.act_quant else None
         if act:
-            x = dequantize(quantize(np.ascontiguousarray(x, np.float32), act), act, x.shape)
+            x = round_activations(x, act)
         y = x @ self._dense(w).T  # (T, K) @ (K, N)
         return y + bias if bias is not None else y
 
@@ -133,8 +149,13 @@ class NumpyBackend:
         return gate / (1.0 + np.exp(-gate)) * up
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:  # tanh-approximated GELU, as Gemma
-        c = math.sqrt(2.0 / math.pi)
-        return 0.5 * gate * (1.0 + np.tanh(c * (gate + 0.044715 * gate**3))) * up
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        if not self.act_quant:
+            return 0.5 * gate * (1.0 + np.tanh(c * (gate + np.float32(0.044715) * gate**3))) * up
+        # ggml looks GELU up in a table indexed by the f16 value, holding f16 results, clamped at +-10
+        g = gate.astype(np.float16).astype(np.float32)
+        table = (0.5 * g * (1.0 + np.tanh(c * (g + np.float32(0.044715) * g**3)))).astype(np.float16)
+        return np.where(gate <= -10, 0, np.where(gate >= 10, gate, table.astype(np.float32))) * up
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
