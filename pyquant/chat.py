@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 
 from .errors import PyquantError
-from .generate import GenerationStats, TextStream, generate_tokens
+from .generate import GenerationStats, TextStream, add_model_arguments, generate_tokens, load_model, sampling_options
 
 # Used only when a file carries no template and the user names one (Gemma's base models have none).
 BUILTIN_TEMPLATES = {
@@ -154,29 +154,17 @@ def create_chat_completion(model, messages: list[dict], max_tokens: int = 256, t
 
 
 def add_arguments(p):
-    p.add_argument("-m", "--model", help="GGUF file (default: the Qwen2.5-Coder-0.5B-Instruct test model)")
+    add_model_arguments(p)
+    p.set_defaults(temp=0.7)
     p.add_argument("--system", help="system message")
     p.add_argument("--chat-template", help=f"jinja file, or {'/'.join(BUILTIN_TEMPLATES)}, when the file has none")
     p.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per reply")
-    p.add_argument("--temp", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-c", "--ctx-size", type=int, default=4096)
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--backend", "--device", dest="backend", choices=["numpy", "cpu", "cuda"], default=None)
-    p.add_argument("--cache-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"], help="KV cache type")
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from .model import Model
-
-    model = Model(args.model, n_ctx=args.ctx_size, threads=args.threads, backend=args.backend,
-                  cache_type=args.cache_type)
+    model = load_model(args)
     template = args.chat_template
     if template and template not in BUILTIN_TEMPLATES:
         try:
@@ -201,9 +189,8 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        _, stats = session.send(line.rstrip("\n"), stream=write, max_tokens=args.n_predict, temperature=args.temp,
-                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                repeat_penalty=args.repeat_penalty, seed=args.seed)
+        _, stats = session.send(line.rstrip("\n"), stream=write, max_tokens=args.n_predict,
+                                **sampling_options(args))
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(stats.line(), file=sys.stderr)

@@ -117,36 +117,49 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int = 128, tempera
         pos += 1
 
 
-def add_arguments(p):
+def add_model_arguments(p, sampling: bool = True) -> None:
+    """The options every model-running subcommand shares (run, chat, perplexity)."""
     p.add_argument("-m", "--model", help="GGUF file (default: the Qwen2.5-Coder-0.5B-Instruct test model)")
-    p.add_argument("-p", "--prompt", required=True, help="prompt text (special-token strings are parsed)")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--backend", "--device", dest="backend", choices=["numpy", "cpu", "cuda"], default=None)
     p.add_argument("--cache-type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"], help="KV cache type")
+    if sampling:
+        p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
+        p.add_argument("--top-k", type=int, default=40)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--min-p", type=float, default=0.05)
+        p.add_argument("--repeat-penalty", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_options(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def load_model(args):
+    from .model import Model
+
+    return Model(args.model, n_ctx=args.ctx_size, threads=args.threads, backend=args.backend,
+                 cache_type=args.cache_type)
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("-p", "--prompt", required=True, help="prompt text (special-token strings are parsed)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def run(args) -> int:
-    from .model import Model
-
     t_load = time.perf_counter()
-    model = Model(args.model, n_ctx=args.ctx_size, threads=args.threads, backend=args.backend,
-                  cache_type=args.cache_type)
+    model = load_model(args)
     load_s = time.perf_counter() - t_load
     stats = GenerationStats()
     stream = TextStream(model.tokenizer, args.stop)
     prompt_ids = model.tokenize(args.prompt)
-    for tok in generate_tokens(model, prompt_ids, max_tokens=args.n_predict, temperature=args.temp,
-                               top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                               repeat_penalty=args.repeat_penalty, seed=args.seed, stats=stats):
+    for tok in generate_tokens(model, prompt_ids, max_tokens=args.n_predict, stats=stats, **sampling_options(args)):
         sys.stdout.write(stream.push(tok))
         sys.stdout.flush()
         if stream.stopped:

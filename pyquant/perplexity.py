@@ -91,17 +91,17 @@ def progress_bar(done: int, total: int, running_ppl: float, elapsed: float) -> N
 
 
 def add_arguments(p):
-    p.add_argument("-m", "--model", help="GGUF file (default: the Qwen2.5-Coder-0.5B-Instruct test model)")
+    from .generate import add_model_arguments
+
+    add_model_arguments(p, sampling=False)
     p.add_argument("-f", "--file", required=True, help="text file (e.g. ../shared/data/wikitext-2/test.txt)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
     p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--backend", "--device", dest="backend", choices=["numpy", "cpu", "cuda"], default=None)
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON")
 
 
 def run(args) -> int:
-    from .model import Model
+    from .generate import load_model
 
     try:
         text = open(args.file, encoding="utf-8").read()
@@ -111,7 +111,8 @@ def run(args) -> int:
         raise PyquantError(f"{args.file}: not UTF-8 text") from None
     if args.ctx < 4:
         raise PyquantError(f"--ctx must be at least 4, got {args.ctx}")
-    model = Model(args.model, n_ctx=args.ctx, threads=args.threads, backend=args.backend)
+    args.ctx_size = args.ctx
+    model = load_model(args)
     tok = model.tokenizer
     tokens = tok.encode(text, add_special=True, parse_special=False)
     bos = tok.bos_id if tok.add_bos else None
