@@ -1,0 +1,195 @@
+"""The Numba CPU backend: pyquant.backend's interface over the kernels of this package.
+
+Weights stay in their GGUF bytes (memory-mapped); every linear runs on the packed rows (linear.py), the
+KV cache keeps f32/f16/q8_0/q4_0 rows that attention reads in place (attention.py), and the small ops are
+fused one-pass kernels (ops.py). Activations are C-contiguous float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyquant.backend import rope_cos_sin
+from pyquant.errors import PyquantError
+from pyquant.gguf import TensorInfo
+
+from . import act_quant, attention, linear, ops
+from .formats import FORMATS
+from .jit import set_threads
+
+CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
+MATMUL_MIN_TOKENS = 2  # from this many tokens on, decode 32 rows into a panel and reuse it (matmul)
+
+
+class PackedWeight:
+    """A weight matrix as the kernels take it: (N, row_bytes) uint8 rows (zero-copy, read-only) + format."""
+
+    __slots__ = ("dequantize", "matmul", "matvec", "name", "rows", "shape", "type")
+
+    def __init__(self, name: str, type: str, shape: tuple[int, int], data: np.ndarray):
+        if type not in FORMATS:
+            raise PyquantError(
+                f"{name}: the CPU backend has no kernels for {type} weights (supported: {', '.join(FORMATS)})"
+            )
+        fmt = FORMATS[type]
+        if len(shape) != 2 or shape[1] % fmt.block_values:
+            raise PyquantError(f"{name}: shape {shape} is not a matrix of whole {type} blocks")
+        rows = np.asarray(data).view(np.ndarray).reshape(-1).view(np.uint8)
+        rows = rows.reshape(shape[0], shape[1] // fmt.block_values * fmt.block_bytes)
+        if rows.flags.writeable:
+            rows = rows.view()
+            rows.flags.writeable = False
+        self.name, self.type, self.shape, self.rows = name, type, tuple(shape), rows
+        self.matvec, self.matmul = linear.MATVEC[type], linear.MATMUL[type]
+        self.dequantize = linear.DEQUANTIZE[type]
+
+    @classmethod
+    def from_tensor(cls, t: TensorInfo) -> PackedWeight:
+        return cls(t.name, t.type, t.shape, t.data)
+
+
+class KVCache:
+    """Per layer, K and V rows in the cache type's block bytes: (n_ctx, G, row_bytes) uint8 each."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int, type: str):
+        fmt = FORMATS[type]
+        if head_dim_k % 32 or head_dim_v % 32:
+            raise PyquantError(f"head sizes {head_dim_k}/{head_dim_v} are not multiples of 32")
+        self.n_ctx, self.type, self.code = n_ctx, type, fmt.code
+        rb_k = head_dim_k // 32 * fmt.block_bytes
+        rb_v = head_dim_v // 32 * fmt.block_bytes
+        self.k = [np.zeros((n_ctx, n_head_kv, rb_k), np.uint8) for _ in range(n_layer)]
+        self.v = [np.zeros((n_ctx, n_head_kv, rb_v), np.uint8) for _ in range(n_layer)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None, cache_type: str = "f16"):
+        if cache_type not in CACHE_TYPES:
+            raise PyquantError(
+                f"unknown KV cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPES)}"
+            )
+        self.threads = set_threads(threads)
+        self.cache_type = cache_type
+        self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    # --- weights ---------------------------------------------------------------------------------------
+    def weight(self, t: TensorInfo) -> PackedWeight:
+        return PackedWeight.from_tensor(t)
+
+    # --- ops ---------------------------------------------------------------------------------------------
+    def get_rows(self, w: PackedWeight, ids: np.ndarray) -> np.ndarray:  # (T, D)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= w.shape[0]):
+            raise PyquantError(f"{w.name}: row id out of range [0, {w.shape[0]})")
+        out = np.empty((len(ids), w.shape[1]), np.float32)
+        w.dequantize(out, w.rows, ids)
+        return out
+
+    def linear(self, x: np.ndarray, w: PackedWeight, bias: np.ndarray | None = None) -> np.ndarray:
+        x = _f32(x)  # (T, K)
+        y = np.empty((x.shape[0], w.shape[0]), np.float32)  # (T, N)
+        (w.matmul if x.shape[0] >= MATMUL_MIN_TOKENS else w.matvec)(y, w.rows, x)
+        if bias is not None:
+            y += bias
+        return y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        ops.rms_norm(out.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]), _f32(weight), float(eps))
+        return out
+
+    def rope(
+        self,
+        x: np.ndarray,
+        positions: np.ndarray,
+        n_rot: int,
+        base: float,
+        neox: bool,
+        freq_scale: float = 1.0,
+    ) -> np.ndarray:
+        """x (T, H, Dh): rotate the first n_rot dims; NeoX pairs (i, i + n_rot/2), normal pairs (2i, 2i+1)."""
+        x = _f32(x)
+        cos, sin = self._rope_table(positions, n_rot, base, freq_scale)
+        out = np.empty_like(x)
+        ops.rope(out, x, cos, sin, n_rot, bool(neox))
+        return out
+
+    def _rope_table(self, positions, n_rot, base, freq_scale):
+        positions = np.asarray(positions)
+        key = (positions.tobytes(), n_rot, float(base), float(freq_scale))
+        table = self._rope_tables.get(key)
+        if table is None:
+            if len(self._rope_tables) > 64:
+                self._rope_tables.clear()
+            cos, sin = rope_cos_sin(positions, n_rot, base, freq_scale)
+            table = self._rope_tables[key] = (_f32(cos), _f32(sin))
+        return table
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        gate, up = _f32(gate), _f32(up)
+        out = np.empty_like(gate)
+        ops.swiglu(out.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        return out
+
+    def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        gate, up = _f32(gate), _f32(up)
+        out = np.empty_like(gate)
+        ops.geglu(out.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        return out
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.add(a, b, dtype=np.float32)
+
+    def scale(self, x: np.ndarray, s: float) -> np.ndarray:
+        return np.multiply(x, np.float32(s), dtype=np.float32)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def from_host(self, x: np.ndarray) -> np.ndarray:
+        return _f32(x)
+
+    # --- attention ---------------------------------------------------------------------------------------
+    def new_cache(
+        self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int
+    ) -> KVCache:
+        return KVCache(n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v, self.cache_type)
+
+    def attention(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        cache: KVCache,
+        layer: int,
+        pos0: int,
+        scale: float,
+        window: int = 0,
+    ) -> np.ndarray:
+        """Store k, v (T, G, Dh) at positions pos0.. then attend q (T, H, Dh) causally -> (T, H*Dv)."""
+        t, n_head, _ = q.shape
+        end = pos0 + t
+        kc, vc = cache.k[layer], cache.v[layer]
+        act_quant.quantize_rows(
+            kc[pos0:end].reshape(-1, kc.shape[2]), _f32(k).reshape(-1, k.shape[2]), cache.code
+        )
+        act_quant.quantize_rows(
+            vc[pos0:end].reshape(-1, vc.shape[2]), _f32(v).reshape(-1, v.shape[2]), cache.code
+        )
+        q = _f32(q)
+        if cache.type == "f16":  # ggml's f16 dot products take Q rounded to f16
+            q = q.astype(np.float16).astype(np.float32)
+        out = np.empty((t, n_head, v.shape[2]), np.float32)
+        attention.ATTEND[cache.type](out, q, kc, vc, pos0, np.float32(scale), int(window))
+        return out.reshape(t, -1)

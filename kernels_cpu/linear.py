@@ -1,0 +1,345 @@
+"""y = x @ W.T computed on packed weight rows: matrix-vector for decode, blocked matrix-matrix for prefill.
+
+Shapes: x (T, K) float32 activations, W (N, row_bytes) uint8 (GGUF bytes of N rows of K values), y (T, N).
+
+- `matvec_<type>` (small T): one pass over the weights; each row is decoded block by block into registers
+  and dotted with every token while its bytes sit in L1. Rows split across threads.
+- `matmul_<type>` (prefill): 32 rows at a time are decoded into a transposed float32 panel (K, 32) that
+  stays in L2, then a register-tiled kernel (12 tokens x 32 rows, 24 accumulators) multiplies every
+  token with it; the weight bytes are read once per call and decoded once per 32 rows.
+- `dequantize_<type>`: rows `ids` of W as float32 (embedding lookups, tests).
+Each public kernel is a two-line specialization of the generic bodies to one format code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import literally, prange
+
+from .formats import (
+    BF16,
+    F16,
+    F32,
+    FORMATS,
+    Q2_K,
+    Q3_K,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    block_values,
+    dq16,
+)
+from .jit import fast, inline, parallel
+from .simd import fadd, ffma, fget, fload, fput, fregs, fsplat, fstore, fsum, fzero
+
+PANEL = 32  # rows per decoded panel (two vectors)
+TILE_T = 12  # tokens per register tile
+
+
+# --- generic bodies -----------------------------------------------------------------------------------------
+@inline
+def _row_dot(row, xt, nb, bv, fmt):
+    """Packed row . xt (K float32), two accumulators."""
+    a0 = fzero()
+    a1 = fzero()
+    for blk in range(nb):
+        base = blk * bv
+        for g in range(0, bv // 16, 2):
+            a0 = ffma(dq16(fmt, row, blk, g), fload(xt, base + 16 * g), a0)
+            a1 = ffma(dq16(fmt, row, blk, g + 1), fload(xt, base + 16 * g + 16), a1)
+    return fsum(fadd(a0, a1))
+
+
+@parallel
+def _matvec(y, w, x, fmt):
+    literally(fmt)
+    bv = block_values(fmt)
+    nb = x.shape[1] // bv
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for t in range(x.shape[0]):
+            y[t, r] = _row_dot(row, x[t], nb, bv, fmt)
+
+
+@parallel
+def _dequantize(out, w, ids, fmt):
+    literally(fmt)
+    bv = block_values(fmt)
+    nb = out.shape[1] // bv
+    for i in prange(ids.shape[0]):
+        row = w[ids[i]]
+        dst = out[i]
+        for blk in range(nb):
+            for g in range(bv // 16):
+                fstore(dst, blk * bv + 16 * g, dq16(fmt, row, blk, g))
+
+
+@parallel
+def _matmul(y, w, x, fmt):
+    literally(fmt)
+    bv = block_values(fmt)
+    n, k = w.shape[0], x.shape[1]
+    nb = k // bv
+    for c in prange((n + PANEL - 1) // PANEL):
+        r0 = c * PANEL
+        nr = min(PANEL, n - r0)
+        rows = np.zeros((PANEL, k), np.float32)  # decoded rows, then transposed into the panel
+        for i in range(nr):
+            row, dst = w[r0 + i], rows[i]
+            for blk in range(nb):
+                for g in range(bv // 16):
+                    fstore(dst, blk * bv + 16 * g, dq16(fmt, row, blk, g))
+        panel = np.empty(k * PANEL, np.float32)  # (K, 32): row r of W at column r
+        for kk in range(k):
+            for i in range(PANEL):
+                panel[kk * PANEL + i] = rows[i, kk]
+        _panel_tokens(y, x, panel, r0, nr)
+
+
+@inline
+def _store_rows(yt, r0, nr, v0, v1):
+    """yt[r0:r0+nr] = the first nr lanes of (v0, v1)."""
+    if nr == PANEL:
+        fstore(yt, r0, v0)
+        fstore(yt, r0 + 16, v1)
+    else:
+        tmp = np.empty(PANEL, np.float32)
+        fstore(tmp, 0, v0)
+        fstore(tmp, 16, v1)
+        for i in range(nr):
+            yt[r0 + i] = tmp[i]
+
+
+@fast
+def _panel_tokens(y, x, panel, r0, nr):
+    """y[:, r0:r0+nr] = x @ panel: register tiles of TILE_T tokens x 32 rows, then single tokens."""
+    t_all, k = x.shape
+    acc = fregs(24)
+    t0 = 0
+    while t0 + TILE_T <= t_all:
+        for i in range(2 * TILE_T):
+            fput(acc, i, fzero())
+        for kk in range(k):
+            w0 = fload(panel, kk * PANEL)
+            w1 = fload(panel, kk * PANEL + 16)
+            for t in range(TILE_T):
+                xs = fsplat(x[t0 + t, kk])
+                fput(acc, 2 * t, ffma(w0, xs, fget(acc, 2 * t)))
+                fput(acc, 2 * t + 1, ffma(w1, xs, fget(acc, 2 * t + 1)))
+        for t in range(TILE_T):
+            _store_rows(y[t0 + t], r0, nr, fget(acc, 2 * t), fget(acc, 2 * t + 1))
+        t0 += TILE_T
+    for t in range(t0, t_all):
+        a0 = fzero()
+        a1 = fzero()
+        for kk in range(k):
+            xs = fsplat(x[t, kk])
+            a0 = ffma(fload(panel, kk * PANEL), xs, a0)
+            a1 = ffma(fload(panel, kk * PANEL + 16), xs, a1)
+        _store_rows(y[t], r0, nr, a0, a1)
+
+
+# --- public kernels, one per format -------------------------------------------------------------------------
+@fast
+def matvec_f32(y, w, x):
+    _matvec(y, w, x, F32)
+
+
+@fast
+def matvec_f16(y, w, x):
+    _matvec(y, w, x, F16)
+
+
+@fast
+def matvec_bf16(y, w, x):
+    _matvec(y, w, x, BF16)
+
+
+@fast
+def matvec_q4_0(y, w, x):
+    _matvec(y, w, x, Q4_0)
+
+
+@fast
+def matvec_q4_1(y, w, x):
+    _matvec(y, w, x, Q4_1)
+
+
+@fast
+def matvec_q5_0(y, w, x):
+    _matvec(y, w, x, Q5_0)
+
+
+@fast
+def matvec_q5_1(y, w, x):
+    _matvec(y, w, x, Q5_1)
+
+
+@fast
+def matvec_q8_0(y, w, x):
+    _matvec(y, w, x, Q8_0)
+
+
+@fast
+def matvec_q2_k(y, w, x):
+    _matvec(y, w, x, Q2_K)
+
+
+@fast
+def matvec_q3_k(y, w, x):
+    _matvec(y, w, x, Q3_K)
+
+
+@fast
+def matvec_q4_k(y, w, x):
+    _matvec(y, w, x, Q4_K)
+
+
+@fast
+def matvec_q5_k(y, w, x):
+    _matvec(y, w, x, Q5_K)
+
+
+@fast
+def matvec_q6_k(y, w, x):
+    _matvec(y, w, x, Q6_K)
+
+
+@fast
+def dequantize_f32(out, w, ids):
+    _dequantize(out, w, ids, F32)
+
+
+@fast
+def dequantize_f16(out, w, ids):
+    _dequantize(out, w, ids, F16)
+
+
+@fast
+def dequantize_bf16(out, w, ids):
+    _dequantize(out, w, ids, BF16)
+
+
+@fast
+def dequantize_q4_0(out, w, ids):
+    _dequantize(out, w, ids, Q4_0)
+
+
+@fast
+def dequantize_q4_1(out, w, ids):
+    _dequantize(out, w, ids, Q4_1)
+
+
+@fast
+def dequantize_q5_0(out, w, ids):
+    _dequantize(out, w, ids, Q5_0)
+
+
+@fast
+def dequantize_q5_1(out, w, ids):
+    _dequantize(out, w, ids, Q5_1)
+
+
+@fast
+def dequantize_q8_0(out, w, ids):
+    _dequantize(out, w, ids, Q8_0)
+
+
+@fast
+def dequantize_q2_k(out, w, ids):
+    _dequantize(out, w, ids, Q2_K)
+
+
+@fast
+def dequantize_q3_k(out, w, ids):
+    _dequantize(out, w, ids, Q3_K)
+
+
+@fast
+def dequantize_q4_k(out, w, ids):
+    _dequantize(out, w, ids, Q4_K)
+
+
+@fast
+def dequantize_q5_k(out, w, ids):
+    _dequantize(out, w, ids, Q5_K)
+
+
+@fast
+def dequantize_q6_k(out, w, ids):
+    _dequantize(out, w, ids, Q6_K)
+
+
+@fast
+def matmul_f32(y, w, x):
+    _matmul(y, w, x, F32)
+
+
+@fast
+def matmul_f16(y, w, x):
+    _matmul(y, w, x, F16)
+
+
+@fast
+def matmul_bf16(y, w, x):
+    _matmul(y, w, x, BF16)
+
+
+@fast
+def matmul_q4_0(y, w, x):
+    _matmul(y, w, x, Q4_0)
+
+
+@fast
+def matmul_q4_1(y, w, x):
+    _matmul(y, w, x, Q4_1)
+
+
+@fast
+def matmul_q5_0(y, w, x):
+    _matmul(y, w, x, Q5_0)
+
+
+@fast
+def matmul_q5_1(y, w, x):
+    _matmul(y, w, x, Q5_1)
+
+
+@fast
+def matmul_q8_0(y, w, x):
+    _matmul(y, w, x, Q8_0)
+
+
+@fast
+def matmul_q2_k(y, w, x):
+    _matmul(y, w, x, Q2_K)
+
+
+@fast
+def matmul_q3_k(y, w, x):
+    _matmul(y, w, x, Q3_K)
+
+
+@fast
+def matmul_q4_k(y, w, x):
+    _matmul(y, w, x, Q4_K)
+
+
+@fast
+def matmul_q5_k(y, w, x):
+    _matmul(y, w, x, Q5_K)
+
+
+@fast
+def matmul_q6_k(y, w, x):
+    _matmul(y, w, x, Q6_K)
+
+
+MATVEC = {name: globals()[f"matvec_{name}"] for name in FORMATS}
+MATMUL = {name: globals()[f"matmul_{name}"] for name in FORMATS}
+DEQUANTIZE = {name: globals()[f"dequantize_{name}"] for name in FORMATS}

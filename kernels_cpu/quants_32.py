@@ -1,0 +1,96 @@
+"""Register decoders of the 32-value block formats (q4_0, q4_1, q5_0, q5_1, q8_0) and the float rows.
+
+Each `dq16_<type>(row, blk, g)` returns values 16g..16g+15 of block `blk` of a packed row (uint8, GGUF
+bytes) as float32x16, computed as ggml's dequantize_row_<type> does (ggml-quants.c). Byte maps, as in
+pyquant.quants:
+
+    # Q4_0: 32 values in 18 bytes = d:2 qs:16            x = d * (q - 8)
+    # Q4_1: 32 values in 20 bytes = d:2 m:2 qs:16        x = d * q + m
+    # Q5_0: 32 values in 22 bytes = d:2 qh:4 qs:16       x = d * (q - 16)
+    # Q5_1: 32 values in 24 bytes = d:2 m:2 qh:4 qs:16   x = d * q + m
+    # Q8_0: 32 values in 34 bytes = d:2 qs:32            x = d * q
+qs byte j holds value j (low nibble) and value j + 16 (high nibble); bit j of qh is value j's fifth bit.
+Float rows are read as blocks of 32 values too (f32: 128 bytes, f16 and bf16: 64 bytes).
+"""
+
+from __future__ import annotations
+
+from .jit import inline
+from .simd import (
+    fadd,
+    fload,
+    fload_bf,
+    fload_h,
+    fmul,
+    fsplat,
+    half_at,
+    iand,
+    ibits,
+    iload_i8,
+    iload_u8,
+    ior,
+    ishl,
+    ishr,
+    isub,
+    itof,
+    u32_at,
+)
+
+
+@inline
+def nibbles(row, o, g):
+    """The 16 4-bit codes of group g (low nibbles for g = 0, high for g = 1) of the 16 bytes at row[o]."""
+    return iand(ishr(iload_u8(row, o), 4 * g), 15)
+
+
+@inline
+def fifth_bits(row, o, g):
+    """Bits 16g..16g+15 of the little-endian uint32 at row[o], moved to bit 4 of each lane."""
+    return ishl(ibits(u32_at(row, o) >> (16 * g)), 4)
+
+
+@inline
+def dq16_q4_0(row, blk, g):
+    o = blk * 18
+    return fmul(fsplat(half_at(row, o)), itof(isub(nibbles(row, o + 2, g), 8)))
+
+
+@inline
+def dq16_q4_1(row, blk, g):
+    o = blk * 20
+    return fadd(fmul(fsplat(half_at(row, o)), itof(nibbles(row, o + 4, g))), fsplat(half_at(row, o + 2)))
+
+
+@inline
+def dq16_q5_0(row, blk, g):
+    o = blk * 22
+    q = ior(nibbles(row, o + 6, g), fifth_bits(row, o + 2, g))
+    return fmul(fsplat(half_at(row, o)), itof(isub(q, 16)))
+
+
+@inline
+def dq16_q5_1(row, blk, g):
+    o = blk * 24
+    q = ior(nibbles(row, o + 8, g), fifth_bits(row, o + 4, g))
+    return fadd(fmul(fsplat(half_at(row, o)), itof(q)), fsplat(half_at(row, o + 2)))
+
+
+@inline
+def dq16_q8_0(row, blk, g):
+    o = blk * 34
+    return fmul(fsplat(half_at(row, o)), itof(iload_i8(row, o + 2 + 16 * g)))
+
+
+@inline
+def dq16_f32(row, blk, g):
+    return fload(row, blk * 128 + 64 * g)
+
+
+@inline
+def dq16_f16(row, blk, g):
+    return fload_h(row, blk * 64 + 32 * g)
+
+
+@inline
+def dq16_bf16(row, blk, g):
+    return fload_bf(row, blk * 64 + 32 * g)

@@ -1,0 +1,84 @@
+"""Register decoders of the K-quant super-blocks (q2_k, q3_k, q4_k, q5_k, q6_k).
+
+`dq16_<type>(row, blk, g)` returns values 16g..16g+15 (g = 0..15) of super-block `blk` of a packed row as
+float32x16, computed as ggml's dequantize_row_<type>. Byte maps, as in pyquant.quants:
+
+    # Q2_K: 256 values in 84 bytes  = scales:16 qs:64 d:2 dmin:2        x = d*sc_j*q - dmin*m_j (16 x 16)
+    # Q3_K: 256 values in 110 bytes = hmask:32 qs:64 scales:12 d:2      x = d*(s_j - 32)*(q - 4) (16 x 16)
+    # Q4_K: 256 values in 144 bytes = d:2 dmin:2 scales:12 qs:128       x = d*sc_j*q - dmin*m_j (8 x 32)
+    # Q5_K: 256 values in 176 bytes = d:2 dmin:2 scales:12 qh:32 qs:128 (as Q4_K, 5-bit q)
+    # Q6_K: 256 values in 210 bytes = ql:128 qh:64 scales:16 d:2        x = d*sc_j*(q - 32) (16 x 16)
+2-bit fields (q2_k, q3_k low bits): byte 32h + l holds value 128h + 32k + l at bits 2k..2k+1.
+4-bit fields (q4_k, q5_k): byte 32c + l holds value 64c + l (low nibble) and 64c + 32 + l (high nibble).
+"""
+
+from __future__ import annotations
+
+from .jit import fast, inline
+from .simd import fmul, fsplat, fsub, half_at, iand, iload_u8, ior, ishl, ishr, isub, itof
+
+
+@fast
+def scale_min_k4(row, o, j):
+    """6-bit scale and min of sub-block j from the 12-byte field at row[o] (ggml's get_scale_min_k4)."""
+    if j < 4:
+        return row[o + j] & 63, row[o + j + 4] & 63
+    sc = (row[o + j + 4] & 0x0F) | ((row[o + j - 4] >> 6) << 4)
+    m = (row[o + j + 4] >> 4) | ((row[o + j] >> 6) << 4)
+    return sc, m
+
+
+@inline
+def crumbs(row, o, g):
+    """2-bit codes of values 16g..16g+15 from a 64-byte 2-bit field at row[o]."""
+    h, k, l0 = g // 8, (g % 8) // 2, 16 * (g % 2)
+    return iand(ishr(iload_u8(row, o + 32 * h + l0), 2 * k), 3)
+
+
+@inline
+def dq16_q2_k(row, blk, g):
+    o = blk * 84
+    sc = row[o + g]
+    d = half_at(row, o + 80) * (sc & 0x0F)
+    m = half_at(row, o + 82) * (sc >> 4)
+    return fsub(fmul(fsplat(d), itof(crumbs(row, o + 16, g))), fsplat(m))
+
+
+@inline
+def dq16_q3_k(row, blk, g):
+    o = blk * 110
+    s = ((row[o + 96 + g % 8] >> (4 * (g // 8))) & 0x0F) | (
+        ((row[o + 104 + g % 4] >> (2 * (g // 4))) & 3) << 4
+    )
+    hbit = iand(ishr(iload_u8(row, o + 16 * (g % 2)), g // 2), 1)
+    q = ior(crumbs(row, o + 32, g), ishl(hbit, 2))
+    return fmul(fsplat(half_at(row, o + 108) * (s - 32)), itof(isub(q, 4)))
+
+
+@inline
+def dq16_q4_k(row, blk, g):
+    o = blk * 144
+    j = g // 2
+    sc, m = scale_min_k4(row, o + 4, j)
+    q = iand(ishr(iload_u8(row, o + 16 + 32 * (j // 2) + 16 * (g % 2)), 4 * (j % 2)), 15)
+    return fsub(fmul(fsplat(half_at(row, o) * sc), itof(q)), fsplat(half_at(row, o + 2) * m))
+
+
+@inline
+def dq16_q5_k(row, blk, g):
+    o = blk * 176
+    j = g // 2
+    sc, m = scale_min_k4(row, o + 4, j)
+    lo = iand(ishr(iload_u8(row, o + 48 + 32 * (j // 2) + 16 * (g % 2)), 4 * (j % 2)), 15)
+    hi = ishl(iand(ishr(iload_u8(row, o + 16 + 16 * (g % 2)), j), 1), 4)
+    return fsub(fmul(fsplat(half_at(row, o) * sc), itof(ior(lo, hi))), fsplat(half_at(row, o + 2) * m))
+
+
+@inline
+def dq16_q6_k(row, blk, g):
+    o = blk * 210
+    h, k, l0 = g // 8, (g % 8) // 2, 16 * (g % 2)
+    lo = iand(ishr(iload_u8(row, o + 64 * h + 32 * (k % 2) + l0), 4 * (k // 2)), 15)
+    hi = ishl(iand(ishr(iload_u8(row, o + 128 + 32 * h + l0), 2 * k), 3), 4)
+    sc = (row[o + 192 + g] ^ 0x80) - 0x80  # int8
+    return fmul(fsplat(half_at(row, o + 208) * sc), itof(isub(ior(lo, hi), 32)))
