@@ -3,7 +3,7 @@
 - `real_checkpoint("qwen" | "gemma")`: the real GGUF models turned back into HF checkpoints by transformers'
   own GGUF loader (`from_pretrained(dir, gguf_file=...)`: dequantized weights, norms and Q/K layouts undone
   by transformers, not by us), saved as bf16 safetensors with the tokenizer transformers builds from the GGUF.
-- `random_checkpoint(arch, **config)`: tiny random-weight checkpoints (2-6 layers, hidden 64) of llama,
+- `random_checkpoint(arch, **config)`: tiny random-weight checkpoints (2-6 layers, hidden 128-256) of llama,
   mistral, qwen2 and gemma3, with every parameter random (norm weights, biases too) so that a wrong mapping,
   permutation or norm offset shows in the logits. Tokenizers: a SentencePiece BPE model trained here on
   WikiText for llama/mistral, the real Qwen and Gemma tokenizers for qwen2/gemma3.
@@ -34,8 +34,8 @@ _TINY = {
         "safetensors",
         "float32",
         {
-            "hidden_size": 64,
-            "intermediate_size": 160,
+            "hidden_size": 256,
+            "intermediate_size": 512,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
@@ -51,8 +51,8 @@ _TINY = {
         "bin",
         "float16",
         {
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            "hidden_size": 256,
+            "intermediate_size": 768,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 1,
@@ -70,8 +70,8 @@ _TINY = {
         "safetensors",
         "bfloat16",
         {
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            "hidden_size": 128,
+            "intermediate_size": 256,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
@@ -87,8 +87,8 @@ _TINY = {
         "safetensors",
         "float32",
         {
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            "hidden_size": 128,
+            "intermediate_size": 256,
             "num_hidden_layers": 6,
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
@@ -102,6 +102,7 @@ _TINY = {
     ),
 }
 ARCHITECTURES = tuple(_TINY)
+RECIPE = 2  # bump when the way tiny checkpoints are made changes (it is part of their cache key)
 
 
 def cache_root() -> Path:
@@ -170,20 +171,16 @@ def real_checkpoint(name: str) -> Path:
 
 
 def spm_tokenizer(vocab_size: int = 1000) -> Path:
-    """A SentencePiece BPE model (byte fallback, llama-style specials) trained on WikiText valid; folder with
-    tokenizer.model plus the HF files transformers writes for it."""
+    """A SentencePiece BPE model (byte fallback, llama-style <unk> <s> </s>, one extra control piece) trained on
+    WikiText valid, with the tokenizer_config.json a Llama checkpoint carries."""
     target = cache_root() / "tokenizers" / f"spm-{vocab_size}"
     if (target / "tokenizer.model").exists():
         return target
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
-    text = (WIKITEXT / "valid.txt").read_text(encoding="utf-8")
     with _building(target) as tmp:
-        src = tmp / "train.txt"
-        src.write_text(text, encoding="utf-8")
         spm.SentencePieceTrainer.train(
-            input=str(src),
+            input=str(WIKITEXT / "valid.txt"),
             model_prefix=str(tmp / "tokenizer"),
             vocab_size=vocab_size,
             model_type="bpe",
@@ -199,15 +196,31 @@ def spm_tokenizer(vocab_size: int = 1000) -> Path:
             normalization_rule_name="identity",
             num_threads=2,
             minloglevel=2,
-            user_defined_symbols=["<|user|>"],
             control_symbols=["<|end|>"],
         )
-        src.unlink()
         (tmp / "tokenizer.vocab").unlink()
-        tok = LlamaTokenizer.from_pretrained(str(tmp), legacy=False)
-        tok.save_pretrained(str(tmp))
-        if not (tmp / "tokenizer.model").exists():
-            raise PyquantError("transformers removed tokenizer.model while saving")
+        decoder = {
+            str(i): {
+                "content": t,
+                "special": True,
+                "normalized": False,
+                "lstrip": False,
+                "rstrip": False,
+                "single_word": False,
+            }
+            for i, t in enumerate(("<unk>", "<s>", "</s>", "<|end|>"))
+        }
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": False,
+            "added_tokens_decoder": decoder,
+        }
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return target
 
 
@@ -215,8 +228,27 @@ def _tokenizer_dir(source: str) -> Path:
     return spm_tokenizer() if source == "spm" else real_tokenizer(source)
 
 
+def _vocab_and_specials(folder: Path) -> tuple[int, dict[str, int]]:
+    """(number of ids, {bos/eos/pad: id}) of a tokenizer folder, read without transformers."""
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    if (folder / "tokenizer.model").exists():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromFile(str(folder / "tokenizer.model"))
+        size, ids = sp.vocab_size(), {sp.IdToPiece(i): i for i in range(sp.vocab_size())}
+    else:
+        tj = json.loads((folder / "tokenizer.json").read_text())
+        ids = {**tj["model"]["vocab"], **{t["content"]: t["id"] for t in tj["added_tokens"]}}
+        size = max(ids.values()) + 1
+    specials = {
+        f"{k}_token_id": ids[v] for k in ("bos", "eos", "pad") if (v := tok_cfg.get(f"{k}_token")) in ids
+    }
+    return size, specials
+
+
 def _randomize(model, gemma_norms: bool, seed: int) -> None:
-    """Every parameter random: linears ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms around their identity."""
+    """Every parameter random: matrices ~ N(0, 1/n_cols), biases ~ N(0, 1/4), norms around their identity."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -225,9 +257,7 @@ def _randomize(model, gemma_norms: bool, seed: int) -> None:
             if name.endswith("norm.weight"):
                 base = 0.0 if gemma_norms else 1.0
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 2 and "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.ndim == 2:
+            elif p.ndim == 2:  # embeddings too: rows of norm ~1, so tied logits stay O(1)
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             else:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
@@ -243,19 +273,15 @@ def random_checkpoint(arch: str, seed: int = 0, **config) -> Path:
         raise PyquantError(f"no tiny checkpoint recipe for {arch!r}; known: {', '.join(ARCHITECTURES)}")
     cls_name, tok_source, fmt, dtype, defaults = _TINY[arch]
     cfg_kwargs = {**defaults, **config}
-    key = hashlib.sha256(json.dumps([arch, seed, cfg_kwargs], sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([RECIPE, arch, seed, cfg_kwargs], sort_keys=True).encode()).hexdigest()[
+        :10
+    ]
     target = cache_root() / f"tiny-{arch}-{key}"
     if (target / "config.json").exists():
         return target
     tok_dir = _tokenizer_dir(tok_source)
-    tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
-    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    vocab_size = cfg_kwargs.pop("vocab_size", None) or (151936 if tok_source == "qwen" else len(tok))
-    specials = {
-        f"{k}_token_id": tok.convert_tokens_to_ids(v)
-        for k in ("bos", "eos", "pad")
-        if isinstance(v := tok_cfg.get(f"{k}_token"), str)
-    }
+    n_ids, specials = _vocab_and_specials(tok_dir)
+    vocab_size = cfg_kwargs.pop("vocab_size", None) or (151936 if tok_source == "qwen" else n_ids)
     cfg = getattr(transformers, cls_name)(vocab_size=vocab_size, **specials, **cfg_kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -263,7 +289,14 @@ def random_checkpoint(arch: str, seed: int = 0, **config) -> Path:
     if cfg.tie_word_embeddings:
         model.tie_weights()
     with _building(target) as tmp:
-        model.to(getattr(torch, dtype)).save_pretrained(str(tmp), safe_serialization=fmt == "safetensors")
+        model = model.to(getattr(torch, dtype))
+        model.save_pretrained(str(tmp))
+        if fmt == "bin":  # transformers 5 writes safetensors only; a .bin checkpoint is a pickled state dict
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            if cfg.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            torch.save(state, tmp / "pytorch_model.bin")
+            (tmp / "model.safetensors").unlink()
         for f in tok_dir.iterdir():
             shutil.copy(f, tmp / f.name)
     return target

@@ -32,7 +32,7 @@ from . import gemma3, llama, qwen2
 from .mixtures import FILE_TYPES, tensor_types
 from .safetensors_io import TensorSource
 from .tensor_map import Architecture, TensorMap
-from .vocab import export_vocab
+from .vocab import METADATA_TYPES, export_vocab
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def convert(
 ) -> Path:
     """Convert the HF checkpoint in `folder` to the GGUF file `output`; returns its path."""
     p = plan(folder, file_type, name)
-    return write_gguf(output, p.metadata, p.specs, progress=progress)
+    return write_gguf(output, p.metadata, p.specs, types=METADATA_TYPES, progress=progress)
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class _Bar:
 def run(args) -> int:
     t0 = time.time()
     p = plan(Path(args.hf_dir), args.type, args.name)
-    out = write_gguf(args.output, p.metadata, p.specs, progress=_Bar())
+    out = write_gguf(args.output, p.metadata, p.specs, types=METADATA_TYPES, progress=_Bar())
     size = out.stat().st_size
     print(
         f"pyquant: wrote {out} ({p.arch.name}, {args.type}, {len(p.specs)} tensors, {size / 2**20:.1f} MiB) "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from functools import lru_cache
 from hashlib import sha256
 from pathlib import Path
 
@@ -179,11 +180,21 @@ def _spm_like_bpe(folder: Path, tj: dict, n_vocab: int) -> dict:
     return {"model": "llama", "pre": "default", "tokens": tokens, "scores": scores, "types": types}
 
 
-def pre_tokenizer_name(tokenizer_json: Path) -> str:
-    """llama.cpp's tokenizer.ggml.pre for a byte-level BPE: the hash of how it tokenizes CHKTXT."""
+def _hf_tokenizer(path: Path):
+    """tokenizers' Tokenizer for a tokenizer.json, loaded once per file version (it takes ~0.5 s)."""
+    return _load_hf_tokenizer(path, path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _load_hf_tokenizer(path: Path, mtime_ns: int):
     from tokenizers import Tokenizer
 
-    ids = Tokenizer.from_file(str(tokenizer_json)).encode(CHKTXT).ids
+    return Tokenizer.from_file(str(path))
+
+
+def pre_tokenizer_name(tokenizer_json: Path) -> str:
+    """llama.cpp's tokenizer.ggml.pre for a byte-level BPE: the hash of how it tokenizes CHKTXT."""
+    ids = _hf_tokenizer(tokenizer_json).encode(CHKTXT).ids
     chkhsh = sha256(str(ids).encode()).hexdigest()
     if chkhsh not in PRE_TOKENIZERS:
         raise PyquantError(
@@ -232,10 +243,12 @@ def _added_specials(folder: Path, ids: dict[str, int]) -> dict[str, bool]:
     (its post-processor); llama.cpp's defaults differ by tokenizer model, so we always say."""
     if not (folder / "tokenizer.json").is_file():
         return {}
-    from tokenizers import Tokenizer
-
-    enc = Tokenizer.from_file(str(folder / "tokenizer.json")).encode("a", add_special_tokens=True).ids
+    enc = _hf_tokenizer(folder / "tokenizer.json").encode("a", add_special_tokens=True).ids
     return {"bos": bool(enc) and enc[0] == ids.get("bos"), "eos": bool(enc) and enc[-1] == ids.get("eos")}
+
+
+STRING_ARRAY = (gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+METADATA_TYPES = {gguf.Keys.Tokenizer.LIST: STRING_ARRAY, gguf.Keys.Tokenizer.MERGES: STRING_ARRAY}
 
 
 def export_vocab(folder: Path, n_vocab: int, arch: str) -> dict:
