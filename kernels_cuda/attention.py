@@ -1,0 +1,160 @@
+"""Attention over the KV cache without dequantizing it: K/V rows are decoded inside the dot products.
+
+Cache types (per layer, rows (n_ctx, G, Dh) flattened):
+    f32, f16   values as float32 / float16 arrays
+    q8_0       int8 codes + a float32 scale per 32 values: x = d * q, d = max|x| / 127, q = roundf(x / d)
+    q4_0       4-bit codes packed as in Q4_0 (value j low nibble of byte j, j + 16 high) + a float32 scale:
+               x = d * (q - 8), d = max / -8 (max: the value of largest magnitude), q = trunc(x / d + 8.5)
+The quantizers follow pyquant.quants.q8_0 / q4_0, except that the scale stays float32 (Q8_0 and Q4_0 store it
+as float16).
+
+`attend`: a block per (query head, token), 128 threads; keys in chunks of 128, a thread per key for the
+scores, an online softmax (running max and sum), then a thread per output dim accumulates p * V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from .jit import block_max, block_sum, device, kernel
+from .ops import POS0
+
+F32, F16, Q8_0, Q4_0 = range(4)
+CACHE_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
+MAX_HEAD_DIM = 256
+THREADS = 128
+
+
+def cache_arrays(kind: int, n_values: int):
+    """(codes, scales) device arrays holding n_values of one cache type."""
+    if kind == F32:
+        return cuda.device_array(n_values, np.float32), cuda.device_array(1, np.float32)
+    if kind == F16:
+        return cuda.device_array(n_values, np.float16), cuda.device_array(1, np.float32)
+    codes = cuda.device_array(n_values if kind == Q8_0 else n_values // 2, np.int8 if kind == Q8_0 else np.uint8)
+    return codes, cuda.device_array(n_values // 32, np.float32)
+
+
+@device
+def load(kind, c, s, i):
+    """Value i of a cache array."""
+    if kind == Q8_0:
+        return s[i // 32] * float32(c[i])
+    if kind == Q4_0:
+        b = i // 32
+        j = i % 32
+        return s[b] * float32(np.int32((c[16 * b + j % 16] >> (4 * (j // 16))) & 15) - 8)
+    return float32(c[i])
+
+
+_STORE: dict = {}
+_ATTEND: dict = {}
+
+
+def store_kernel(kind: int):
+    if kind not in _STORE:
+        _STORE[kind] = _make_store(kind)
+    return _STORE[kind]
+
+
+def _make_store(kind):
+    @kernel
+    def store(c, s, x, params, T, row):
+        """Rows params[POS0] .. + T of the cache (row = G * Dh values each) = x (T, row); a thread per
+        32 values."""
+        i = cuda.grid(1)
+        if i < T * row // 32:
+            o = 32 * i  # offset in x
+            dst = params[POS0] * row + o
+            if kind == F32 or kind == F16:
+                for j in range(32):
+                    c[dst + j] = x[o + j]
+            elif kind == Q8_0:
+                amax = float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(x[o + j]))
+                d = amax / float32(127.0)
+                inv = float32(1.0) / d if d != 0 else float32(0.0)
+                for j in range(32):
+                    v = x[o + j] * inv
+                    q = int(math.floor(abs(v) + 0.5))
+                    c[dst + j] = -q if v < 0 else q
+                s[dst // 32] = d
+            else:
+                amax = float32(0.0)
+                vmax = float32(0.0)
+                for j in range(32):
+                    if abs(x[o + j]) > amax:
+                        amax = abs(x[o + j])
+                        vmax = x[o + j]
+                d = vmax / float32(-8.0)
+                inv = float32(1.0) / d if d != 0 else float32(0.0)
+                for j in range(16):
+                    q0 = min(int(x[o + j] * inv + float32(8.5)), 15)
+                    q1 = min(int(x[o + j + 16] * inv + float32(8.5)), 15)
+                    c[dst // 2 + j] = q0 | (q1 << 4)
+                s[dst // 32] = d
+
+    return store
+
+
+def attend_kernel(kind: int):
+    if kind not in _ATTEND:
+        _ATTEND[kind] = _make_attend(kind)
+    return _ATTEND[kind]
+
+
+def _make_attend(kind):
+    @kernel
+    def attend(out, q, kc, ks, vc, vs, params, scale, window, H, G, Dk, Dv):
+        """out (T, H, Dv) = softmax(scale * q K^T, causal, window) V for q (T, H, Dk); grid (H, T)."""
+        red = cuda.shared.array(32, float32)
+        sq = cuda.shared.array(MAX_HEAD_DIM, float32)
+        sp = cuda.shared.array(THREADS, float32)
+        h = cuda.blockIdx.x
+        t = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        g = h // (H // G)
+        qpos = params[POS0] + t
+        start = qpos - window + 1 if window > 0 and qpos - window + 1 > 0 else 0
+        for i in range(tid, Dk, THREADS):
+            sq[i] = q[(t * H + h) * Dk + i] * scale
+        cuda.syncthreads()
+        m = float32(-math.inf)
+        lsum = float32(0.0)
+        acc0 = float32(0.0)
+        acc1 = float32(0.0)
+        for s0 in range(start, qpos + 1, THREADS):
+            s = s0 + tid
+            score = float32(-math.inf)
+            if s <= qpos:
+                base = (s * G + g) * Dk
+                score = float32(0.0)
+                for i in range(Dk):
+                    score += sq[i] * load(kind, kc, ks, base + i)
+            m_new = max(m, block_max(red, score))
+            p = math.exp(score - m_new) if s <= qpos else float32(0.0)
+            sp[tid] = p
+            corr = math.exp(m - m_new)
+            lsum = lsum * corr + block_sum(red, p)
+            m = m_new
+            n = min(THREADS, qpos + 1 - s0)
+            acc0 *= corr
+            acc1 *= corr
+            for j in range(n):
+                base = ((s0 + j) * G + g) * Dv
+                if tid < Dv:
+                    acc0 += sp[j] * load(kind, vc, vs, base + tid)
+                if tid + THREADS < Dv:
+                    acc1 += sp[j] * load(kind, vc, vs, base + tid + THREADS)
+            cuda.syncthreads()
+        o = (t * H + h) * Dv
+        if tid < Dv:
+            out[o + tid] = acc0 / lsum
+        if tid + THREADS < Dv:
+            out[o + tid + THREADS] = acc1 / lsum
+
+    return attend

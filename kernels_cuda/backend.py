@@ -1,0 +1,275 @@
+"""CudaBackend: pyquant.backend.NumpyBackend's interface on an NVIDIA GPU through numba-cuda.
+
+Activations stay on the device (`launch.Tensor`); `to_host` / `from_host` move them. Weights are uploaded once,
+repacked (kernels_cuda/quants.py). Products: the dequantizing GEMV (matvec.py) for up to `gemv_tokens`
+tokens, beyond that the block-scaled int8 tensor-core GEMM (gemm_int8.py) on activations quantized per
+32 values on the fly (`int8_prefill`), or a float GEMM for weights without integer codes.
+
+Decode runs few launches: RMSNorm and the SwiGLU/GeGLU gates are fused into the product that consumes them
+(ops return them unlaunched, `Tensor.pending`), a residual add is folded into the product that feeds it, and
+the queue of one decode step is replayed as a CUDA graph (launch.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from pyquant.backend import rope_cos_sin
+from pyquant.errors import PyquantError
+from pyquant.gguf import TensorInfo
+
+from . import attention as att
+from . import gemm_int8 as g8
+from . import matvec as mv
+from . import ops
+from .launch import Arena, LaunchQueue, Tensor
+from .quants import gpu_format, int8_codes, repack
+
+_MODES = {None: mv.PLAIN, "rms": mv.RMS, "swiglu": mv.SWIGLU, "geglu": mv.GEGLU}
+
+
+class CudaWeight:
+    """A matrix (N, K) on the device: repacked blocks for the GEMV, int8 codes for the GEMM (made on first use)."""
+
+    def __init__(self, t: TensorInfo):
+        if len(t.shape) != 2:
+            raise PyquantError(f"{t.name}: the CUDA backend takes 2-D weights, not shape {t.shape}")
+        gpu_format(t.type)
+        self.name, self.type, self.shape, self.info = t.name, t.type, tuple(t.shape), t
+        q, d = repack(t.data, t.type, self.shape)
+        self.q, self.d = cuda.to_device(q), cuda.to_device(d)
+        self._codes = None
+
+    def codes(self):
+        """(words int32 (N, K/4), scales (N, K/16), mins (N, K/32) or None, per16) or None (float rows)."""
+        if self._codes is None:
+            c = int8_codes(self.info.data, self.type, self.shape)
+            if c is None:
+                self._codes = False
+            else:
+                codes, scales, mins = c
+                words = cuda.to_device(np.ascontiguousarray(codes).view(np.int32))
+                per16 = bool(np.any(scales[:, 0::2] != scales[:, 1::2]))
+                self._codes = (words, cuda.to_device(scales), None if mins is None else cuda.to_device(mins),
+                               per16)
+        return self._codes or None
+
+
+class CudaKVCache:
+    """Per-layer K and V rows (n_ctx, G, Dh) in one cache type (f32, f16, q8_0, q4_0), stored flat."""
+
+    def __init__(self, n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v, cache_type):
+        self.n_ctx, self.cache_type, self.kind = n_ctx, cache_type, att.CACHE_TYPES[cache_type]
+        self.n_head_kv, self.head_dim_k, self.head_dim_v = n_head_kv, head_dim_k, head_dim_v
+        self.k = [att.cache_arrays(self.kind, n_ctx * n_head_kv * head_dim_k) for _ in range(n_layer)]
+        self.v = [att.cache_arrays(self.kind, n_ctx * n_head_kv * head_dim_v) for _ in range(n_layer)]
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, threads: int | None = None, cache_type: str = "f16", int8_prefill: bool = True,
+                 gemv_tokens: int = 8, graphs: bool = True):
+        if cache_type not in att.CACHE_TYPES:
+            raise PyquantError(f"the CUDA backend keeps {', '.join(att.CACHE_TYPES)} KV caches, not {cache_type!r}")
+        self.cache_type = cache_type
+        self.int8_prefill = int8_prefill
+        self.gemv_tokens = max(1, min(int(gemv_tokens), 8))
+        self.queue = LaunchQueue(graphs)
+        self.arena = Arena()
+        self._dummy = cuda.to_device(np.zeros(1, np.float32))
+        self._rope: dict = {}
+        self._n_ctx = 0
+
+    # --- plumbing ------------------------------------------------------------------------------------
+    def _out(self, shape) -> Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        return Tensor(self.arena.alloc(n), shape)
+
+    def _ready(self, x: Tensor) -> Tensor:
+        """x with its buffer computed (a pending fused producer is launched on its own)."""
+        p = x.pending
+        if p is None:
+            return x
+        if p[0] == "rms":
+            _, src, w, eps = p
+            src = self._ready(src)
+            d = src.shape[-1]
+            self.queue.add(ops.rms_norm, src.size // d, 128, x.buf, src.buf, w.buf, np.float32(eps), d)
+        else:
+            kern = ops.swiglu if p[0] == "swiglu" else ops.geglu
+            g, u = self._ready(p[1]), self._ready(p[2])
+            self.queue.add(kern, *ops.grid1(x.size), x.buf, g.buf, u.buf, x.size)
+        x.pending = None
+        return x
+
+    def flush(self) -> None:
+        self.queue.flush()
+
+    def synchronize(self) -> None:
+        self.queue.flush()
+        self.queue.synchronize()
+
+    # --- weights -------------------------------------------------------------------------------------
+    def weight(self, t: TensorInfo) -> CudaWeight:
+        return CudaWeight(t)
+
+    # --- ops -----------------------------------------------------------------------------------------
+    def get_rows(self, w: CudaWeight, ids: np.ndarray) -> Tensor:  # (T, D)
+        if not self.queue.items:
+            self.arena.reset()  # a new forward pass: the last one's activations are done with
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= w.shape[0]):
+            raise PyquantError(f"token id out of range [0, {w.shape[0]})")
+        at = self.queue.put_ids(ids.astype(np.int32))
+        t, k = len(ids), w.shape[1]
+        y = self._out((t, k))
+        if t:
+            self.queue.add(mv.get_rows_kernel(w.type), *mv.rows_grid(t, k), y.buf, w.q, w.d,
+                           self.queue.params_dev, at, np.float32(1.0), k)
+        return y
+
+    def linear(self, x: Tensor, w: CudaWeight, bias: Tensor | None = None) -> Tensor:
+        n, k = w.shape
+        if x.shape[-1] != k:
+            raise PyquantError(f"{w.name}: input has {x.shape[-1]} columns, the weight {k}")
+        t = x.size // k
+        y = self._out(x.shape[:-1] + (n,))
+        flags = mv.HAS_BIAS if bias is not None else 0
+        b = bias.buf if bias is not None else self._dummy
+        if t == 0:
+            return y
+        if t <= self.gemv_tokens:
+            p = x.pending
+            mode = _MODES[p[0] if p else None]
+            if mode == mv.RMS and p[1].shape[-1] == k and p[1].pending is None:
+                src, x2, nw, eps = p[1], self._dummy, p[2].buf, np.float32(p[3])
+            elif mode in (mv.SWIGLU, mv.GEGLU) and p[1].pending is None and p[2].pending is None:
+                src, x2, nw, eps = p[1], p[2].buf, self._dummy, np.float32(0)
+            else:
+                mode, src, x2, nw, eps = mv.PLAIN, self._ready(x), self._dummy, self._dummy, np.float32(0)
+            kern = mv.gemv_kernel(w.type, mode, t)
+            self.queue.add(kern, *mv.gemv_grid(n), y.buf, y.buf, w.q, w.d, src.buf, x2, nw, eps, b,
+                           self._dummy, flags, n, k)
+            return y
+        x = self._ready(x)
+        codes = w.codes() if self.int8_prefill else None
+        if codes is None:
+            self.queue.add(mv.gemm_f32_kernel(w.type), *mv.gemm_grid(t, n), y.buf, w.q, w.d, x.buf, b,
+                           self._dummy, flags, t, n, k)
+            return y
+        words, scales, mins, per16 = codes
+        aq = self.arena.alloc(t * k // 4, np.int32)
+        sa = self.arena.alloc(t * k // 32)
+        asum = self.arena.alloc(t * k // 32)
+        aq2, sa2, asum2 = aq.reshape(t, k // 4), sa.reshape(t, k // 32), asum.reshape(t, k // 32)
+        self.queue.add(g8.quantize_q8, *ops.grid1(t * k // 32, 128), aq2, sa2, asum2, x.buf, t, k)
+        kern = g8.gemm_q8_kernel(per16, mins is not None)
+        self.queue.add(kern, *g8.gemm_grid(t, n), y.buf, aq2, sa2, asum2, words, scales,
+                       mins if mins is not None else scales, b, self._dummy, flags, t, n, k // 4)
+        return y
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        return Tensor(self.arena.alloc(x.size), x.shape, ("rms", x, weight, float(eps)))
+
+    def rope(self, x: Tensor, positions: np.ndarray, n_rot: int, base: float, neox: bool,
+             freq_scale: float = 1.0) -> Tensor:
+        x = self._ready(x)
+        t, h, d = x.shape
+        positions = np.asarray(positions)
+        if t == 0:
+            return x
+        p0 = int(positions[0])
+        if int(positions[-1]) != p0 + t - 1:
+            raise PyquantError("the CUDA backend rotates consecutive positions only")
+        cos, sin = self._rope_tables(n_rot, base, freq_scale, p0 + t)
+        self.queue.set_pos0(p0)
+        y = self._out(x.shape)
+        self.queue.add(ops.rope, *ops.grid1(t * h * (d // 2)), y.buf, x.buf, cos, sin, self.queue.params_dev,
+                       t, h, d, n_rot, bool(neox))
+        return y
+
+    def _rope_tables(self, n_rot, base, freq_scale, need):
+        key = (n_rot, float(base), float(freq_scale))
+        tab = self._rope.get(key)
+        if tab is None or tab[0].shape[0] < need:
+            n = max(need, self._n_ctx, 4096 if tab is None else 2 * tab[0].shape[0])
+            cos, sin = rope_cos_sin(np.arange(n, dtype=np.int64), n_rot, base, freq_scale)
+            tab = (cuda.to_device(np.ascontiguousarray(cos)), cuda.to_device(np.ascontiguousarray(sin)))
+            self._rope[key] = tab
+        return tab
+
+    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        return Tensor(self.arena.alloc(gate.size), gate.shape, ("swiglu", gate, up))
+
+    def geglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        return Tensor(self.arena.alloc(gate.size), gate.shape, ("geglu", gate, up))
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        items = self.queue.items
+        for res, lin in ((a, b), (b, a)):  # fold into the product that made one operand, if it was the last
+            if lin.pending is None and res.pending is None and items and lin.shape == res.shape:
+                kern, grid, block, args = items[-1]
+                if args[0] is lin.buf and _is_gemv(kern) and not args[10] & mv.HAS_RES:
+                    z = self._out(lin.shape)  # (y, z, q, d, x, x2, nw, eps, bias, res, flags, N, K)
+                    args = args[:1] + (z.buf,) + args[2:9] + (res.buf, args[10] | mv.HAS_RES) + args[11:]
+                    items[-1] = (kern, grid, block, args)
+                    return z
+        a, b = self._ready(a), self._ready(b)
+        y = self._out(a.shape)
+        self.queue.add(ops.add, *ops.grid1(y.size), y.buf, a.buf, b.buf, y.size)
+        return y
+
+    def scale(self, x: Tensor, s: float) -> Tensor:
+        x = self._ready(x)
+        y = self._out(x.shape)
+        self.queue.add(ops.scale, *ops.grid1(y.size), y.buf, x.buf, np.float32(s), y.size)
+        return y
+
+    def to_host(self, x) -> np.ndarray:
+        if not isinstance(x, Tensor):
+            return np.asarray(x)
+        x = self._ready(x)
+        self.queue.flush()
+        out = np.empty(x.size, np.float32)
+        if x.size:
+            x.buf[: x.size].copy_to_host(out, stream=self.queue.stream)
+            self.queue.synchronize()
+        return out.reshape(x.shape)
+
+    def from_host(self, x: np.ndarray) -> Tensor:
+        x = np.ascontiguousarray(x, np.float32)
+        return Tensor(cuda.to_device(x.reshape(-1)), x.shape)
+
+    # --- attention -----------------------------------------------------------------------------------
+    def new_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> CudaKVCache:
+        if max(head_dim_k, head_dim_v) > att.MAX_HEAD_DIM or head_dim_k % 32 or head_dim_v % 32:
+            raise PyquantError(f"the CUDA backend takes head sizes that are multiples of 32 up to "
+                               f"{att.MAX_HEAD_DIM}, not {head_dim_k}/{head_dim_v}")
+        self._n_ctx = max(self._n_ctx, n_ctx)
+        return CudaKVCache(n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v, self.cache_type)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, cache: CudaKVCache, layer: int, pos0: int,
+                  scale: float, window: int = 0) -> Tensor:
+        q, k, v = self._ready(q), self._ready(k), self._ready(v)
+        t, n_head, dk = q.shape
+        g, dv = v.shape[1], v.shape[2]
+        if pos0 + t > cache.n_ctx:
+            raise PyquantError(f"context full: {pos0 + t} tokens exceed n_ctx {cache.n_ctx}")
+        self.queue.set_pos0(pos0)
+        store = att.store_kernel(cache.kind)
+        (kc, ks), (vc, vs) = cache.k[layer], cache.v[layer]
+        pd = self.queue.params_dev
+        self.queue.add(store, *ops.grid1(t * g * dk // 32, 128), kc, ks, k.buf, pd, t, g * dk)
+        self.queue.add(store, *ops.grid1(t * g * dv // 32, 128), vc, vs, v.buf, pd, t, g * dv)
+        y = self._out((t, n_head * dv))
+        self.queue.add(att.attend_kernel(cache.kind), (n_head, t), att.THREADS, y.buf, q.buf, kc, ks, vc, vs, pd,
+                       np.float32(scale), int(window), n_head, g, dk, dv)
+        return y
+
+
+def _is_gemv(kern) -> bool:
+    return kern in mv._GEMV.values()

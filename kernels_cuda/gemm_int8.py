@@ -1,0 +1,277 @@
+"""int8 matrix products: exact int32 GEMMs (dp4a on CUDA cores, mma.sync on the tensor cores) and the
+block-scaled product that prefill and W8A8 use.
+
+    gemm_s8_dp4a / gemm_s8_mma   C (M, N) int32 = A (M, K) int8 @ B (N, K) int8 ^T, exact
+    gemm_q8                      y (T, N) f32 = sum over 32-blocks b of
+                                 sa[t, b] * (sw[n, 2b] * dot_lo + sw[n, 2b+1] * dot_hi) - asum[t, b] * mw[n, b]
+                                 with dot_lo/hi the int8 dot products of the block's two halves (PER16 formats:
+                                 q6_k), or sa * sw * dot over the whole block (the others); asum = sa * sum(qa)
+                                 serves the formats with a min (q4_1, q5_1, q4_k, q5_k).
+    quantize_q8                  activations (T, K) f32 -> int8 codes, scales, scaled sums per 32-block
+                                 (q8_0's rounding: q = roundf(x / d), d = max|x| / 127)
+
+Operands are passed as int32 words of 4 int8 (little-endian), rows of K/4 words. The instructions come from
+int8_mma.cu through cuda.declare_device; the CUDA simulator cannot link .cu code, so there the same two
+device functions are written in Python (the mma one exchanges fragments through shared memory, as the
+warp does in registers).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from numba import cuda, float32, int32
+
+from .jit import SIM, device, kernel
+
+CU = str(Path(__file__).with_name("int8_mma.cu"))
+
+# ---- the two instructions ------------------------------------------------------------------------------
+
+if SIM:
+
+    @device
+    def _s8(w, j):
+        b = (w >> (8 * j)) & 0xFF
+        return b - 256 if b >= 128 else b
+
+    @device
+    def dp4a(a, b, c):
+        return c + _s8(a, 0) * _s8(b, 0) + _s8(a, 1) * _s8(b, 1) + _s8(a, 2) * _s8(b, 2) + _s8(a, 3) * _s8(b, 3)
+
+    # where each (row, k) of A and (k, col) of B sits in the warp's fragments: (lane, register, byte)
+    _r, _k = np.meshgrid(np.arange(16), np.arange(32), indexing="ij")
+    _A_AT = (4 * (_r % 8) + (_k % 16) // 4, _r // 8 + 2 * (_k // 16), _k % 4)
+    _k, _c = np.meshgrid(np.arange(32), np.arange(8), indexing="ij")
+    _B_AT = (4 * _c + (_k % 16) // 4, _k // 16, _k % 4)
+
+    @device
+    def mma_s8(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        fa = cuda.shared.array((1024, 4), int32)
+        fb = cuda.shared.array((1024, 2), int32)
+        tid = cuda.threadIdx.x
+        base = tid - tid % 32
+        lane = tid % 32
+        fa[tid, 0], fa[tid, 1], fa[tid, 2], fa[tid, 3] = a0, a1, a2, a3
+        fb[tid, 0], fb[tid, 1] = b0, b1
+        cuda.syncthreads()
+        a = np.ascontiguousarray(fa[base : base + 32]).view(np.int8).reshape(32, 4, 4)[_A_AT]
+        b = np.ascontiguousarray(fb[base : base + 32]).view(np.int8).reshape(32, 2, 4)[_B_AT]
+        d = a.astype(np.int64) @ b.astype(np.int64)  # (16, 8)
+        g, tig = lane // 4, lane % 4
+        cuda.syncthreads()
+        return (c0 + int(d[g, 2 * tig]), c1 + int(d[g, 2 * tig + 1]), c2 + int(d[g + 8, 2 * tig]),
+                c3 + int(d[g + 8, 2 * tig + 1]))
+
+else:
+    dp4a = cuda.declare_device("pq_dp4a", "int32(int32, int32, int32)", link=CU)
+    mma_s8 = cuda.declare_device(
+        "pq_mma_s8", "UniTuple(int32, 4)(int32, int32, int32, int32, int32, int32, int32, int32, int32, int32)",
+        link=CU)
+
+
+# ---- exact int32 GEMMs ----------------------------------------------------------------------------------
+
+BM, BN, BKW = 128, 128, 16  # block tile: rows, cols, K in words (64 int8)
+PAD = BKW + 4  # smem row stride in words: conflict-free fragment reads
+
+
+@device
+def _load_tile(s, a, r0, rows, kw0, kwords):
+    """s[r, w] = a[r0 + r, kw0 + w] for a (rows, kwords) int32, zero outside; 256 threads, 128 x 16 words."""
+    tid = cuda.threadIdx.x
+    for i in range(8):
+        idx = tid + 256 * i
+        r = idx // BKW
+        w = idx % BKW
+        if r0 + r < rows and kw0 + w < kwords:
+            s[r, w] = a[r0 + r, kw0 + w]
+        else:
+            s[r, w] = 0
+
+
+@kernel
+def gemm_s8_mma(c, a, b, M, N, KW):
+    """c (M, N) int32 = a (M, KW) @ b (N, KW)^T over int8 lanes; grid (N/128, M/128), 256 threads."""
+    sa = cuda.shared.array((BM, PAD), int32)
+    sb = cuda.shared.array((BN, PAD), int32)
+    tid = cuda.threadIdx.x
+    warp, lane = tid // 32, tid % 32
+    g, tig = lane // 4, lane % 4
+    wm = (warp // 4) * 64  # 2 x 4 warps, 64 x 32 each
+    wn = (warp % 4) * 32
+    m0 = cuda.blockIdx.y * BM
+    n0 = cuda.blockIdx.x * BN
+    acc = cuda.local.array(64, int32)
+    for i in range(64):
+        acc[i] = 0
+    for kw0 in range(0, KW, BKW):
+        _load_tile(sa, a, m0, M, kw0, KW)
+        _load_tile(sb, b, n0, N, kw0, KW)
+        cuda.syncthreads()
+        for kk in range(0, BKW, 8):
+            for mi in range(4):
+                r = wm + 16 * mi + g
+                a0, a1 = sa[r, kk + tig], sa[r + 8, kk + tig]
+                a2, a3 = sa[r, kk + tig + 4], sa[r + 8, kk + tig + 4]
+                for ni in range(4):
+                    cn = wn + 8 * ni + g
+                    o = 16 * mi + 4 * ni
+                    d = mma_s8(a0, a1, a2, a3, sb[cn, kk + tig], sb[cn, kk + tig + 4],
+                               acc[o], acc[o + 1], acc[o + 2], acc[o + 3])
+                    acc[o], acc[o + 1], acc[o + 2], acc[o + 3] = d[0], d[1], d[2], d[3]
+        cuda.syncthreads()
+    for mi in range(4):
+        for ni in range(4):
+            for i in range(4):
+                row = m0 + wm + 16 * mi + g + 8 * (i // 2)
+                col = n0 + wn + 8 * ni + 2 * tig + i % 2
+                if row < M and col < N:
+                    c[row, col] = acc[16 * mi + 4 * ni + i]
+
+
+@kernel
+def gemm_s8_dp4a(c, a, b, M, N, KW):
+    """As gemm_s8_mma with dp4a on the CUDA cores: 64 x 64 tiles, 256 threads of 4 x 4 outputs."""
+    sa = cuda.shared.array((64, 9), int32)
+    sb = cuda.shared.array((64, 9), int32)
+    tid = cuda.threadIdx.x
+    tx, ty = tid % 16, tid // 16
+    m0 = cuda.blockIdx.y * 64
+    n0 = cuda.blockIdx.x * 64
+    acc = cuda.local.array(16, int32)
+    for i in range(16):
+        acc[i] = 0
+    for kw0 in range(0, KW, 8):
+        for i in range(2):
+            idx = tid + 256 * i
+            r, w = idx // 8, idx % 8
+            ok = kw0 + w < KW
+            sa[r, w] = a[m0 + r, kw0 + w] if ok and m0 + r < M else 0
+            sb[r, w] = b[n0 + r, kw0 + w] if ok and n0 + r < N else 0
+        cuda.syncthreads()
+        for w in range(8):
+            for i in range(4):
+                av = sa[ty * 4 + i, w]
+                for j in range(4):
+                    acc[4 * i + j] = dp4a(av, sb[tx * 4 + j, w], acc[4 * i + j])
+        cuda.syncthreads()
+    for i in range(4):
+        for j in range(4):
+            row, col = m0 + ty * 4 + i, n0 + tx * 4 + j
+            if row < M and col < N:
+                c[row, col] = acc[4 * i + j]
+
+
+# ---- block-scaled GEMM (prefill, W8A8) -------------------------------------------------------------------
+
+HAS_BIAS, HAS_RES = 1, 2
+_Q8: dict = {}
+
+
+def gemm_q8_kernel(per16: bool, mins: bool):
+    key = (per16, mins)
+    if key not in _Q8:
+        _Q8[key] = _make_gemm_q8(per16, mins)
+    return _Q8[key]
+
+
+def _make_gemm_q8(per16, mins):
+    @kernel
+    def gemm_q8(y, aq, sa, asum, bq, sw, mw, bias, res, flags, T, N, KW):
+        """y (T, N) f32; aq (T, KW) int32 words, sa/asum (T, K/32); bq (N, KW), sw (N, K/16), mw (N, K/32)."""
+        s_a = cuda.shared.array((BM, PAD), int32)
+        s_b = cuda.shared.array((BN, PAD), int32)
+        tid = cuda.threadIdx.x
+        warp, lane = tid // 32, tid % 32
+        g, tig = lane // 4, lane % 4
+        wm = (warp // 4) * 64
+        wn = (warp % 4) * 32
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        acc = cuda.local.array(64, float32)
+        for i in range(64):
+            acc[i] = 0.0
+        for kw0 in range(0, KW, BKW):
+            _load_tile(s_a, aq, m0, T, kw0, KW)
+            _load_tile(s_b, bq, n0, N, kw0, KW)
+            cuda.syncthreads()
+            for kk in range(0, BKW, 8):
+                blk = (kw0 + kk) // 8  # 32-block index along K
+                if kw0 + kk < KW:
+                    for mi in range(4):
+                        r = wm + 16 * mi + g
+                        a0, a1 = s_a[r, kk + tig], s_a[r + 8, kk + tig]
+                        a2, a3 = s_a[r, kk + tig + 4], s_a[r + 8, kk + tig + 4]
+                        ra = min(m0 + r, T - 1)
+                        rb = min(m0 + r + 8, T - 1)
+                        for ni in range(4):
+                            cn = wn + 8 * ni + g
+                            b0, b1 = s_b[cn, kk + tig], s_b[cn, kk + tig + 4]
+                            o = 16 * mi + 4 * ni
+                            if per16:
+                                lo = mma_s8(a0, a1, 0, 0, b0, 0, 0, 0, 0, 0)
+                                hi = mma_s8(0, 0, a2, a3, 0, b1, 0, 0, 0, 0)
+                            else:
+                                lo = mma_s8(a0, a1, a2, a3, b0, b1, 0, 0, 0, 0)
+                                hi = lo
+                            for i in range(4):
+                                row = ra if i < 2 else rb
+                                col = min(n0 + wn + 8 * ni + 2 * tig + i % 2, N - 1)
+                                s = sa[row, blk]
+                                if per16:
+                                    v = s * (sw[col, 2 * blk] * float32(lo[i]) + sw[col, 2 * blk + 1] * float32(hi[i]))
+                                else:
+                                    v = s * sw[col, 2 * blk] * float32(lo[i])
+                                if mins:
+                                    v -= asum[row, blk] * mw[col, blk]
+                                acc[o + i] += v
+            cuda.syncthreads()
+        for mi in range(4):
+            for ni in range(4):
+                for i in range(4):
+                    row = m0 + wm + 16 * mi + g + 8 * (i // 2)
+                    col = n0 + wn + 8 * ni + 2 * tig + i % 2
+                    if row < T and col < N:
+                        v = acc[16 * mi + 4 * ni + i]
+                        if flags & HAS_BIAS:
+                            v += bias[col]
+                        if flags & HAS_RES:
+                            v += res[row * N + col]
+                        y[row * N + col] = v
+
+    return gemm_q8
+
+
+def gemm_grid(M: int, N: int):
+    return (-(-N // BN), -(-M // BM)), 256
+
+
+@kernel
+def quantize_q8(aq, sa, asum, x, T, K):
+    """x (T*K,) f32 -> aq (T, K/4) int32 words, sa (T, K/32) scale, asum (T, K/32) = sa * sum(q); thread per block."""
+    i = cuda.grid(1)
+    nb = K // 32
+    if i < T * nb:
+        t, b = i // nb, i % nb
+        o = t * K + 32 * b
+        amax = float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[o + j]))
+        d = amax / float32(127.0)
+        inv = float32(1.0) / d if d != 0 else float32(0.0)
+        total = 0
+        for w in range(8):
+            word = 0
+            for j in range(4):
+                v = x[o + 4 * w + j] * inv
+                q = int(math.floor(abs(v) + 0.5))  # roundf: half away from zero
+                q = -q if v < 0 else q
+                total += q
+                word |= (q & 0xFF) << (8 * j)
+            aq[t, 8 * b + w] = word - 4294967296 if word >= 2147483648 else word
+        sa[t, b] = d
+        asum[t, b] = d * float32(total)

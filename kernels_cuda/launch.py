@@ -1,0 +1,215 @@
+"""Launch machinery: the device tensor type, the activation arena, and the launch queue that the backend
+flushes eagerly or as a replayed CUDA graph.
+
+Ops do not launch when called: they append (kernel, grid, block, args) to a queue and return tensors whose
+buffers come from an arena that restarts with every forward pass, so one decode step queues the same
+launches, with the same buffers, as the last. `flush` (called by `to_host`) copies the small parameter block
+(token ids, first position) to the device and then runs the queue: eagerly the first time a sequence is seen,
+captured into a CUDA graph the second time (numba-cuda launches into a cuda.core GraphBuilder), and replayed
+as one graph launch while it repeats. Kernels read positions and ids from the parameter block, never from
+their arguments, so a graph stays valid from token to token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from numba import cuda
+
+from .jit import SIM
+
+log = logging.getLogger(__name__)
+
+
+class Tensor:
+    """A float32 activation on the device: a flat buffer and a shape (numpy order)."""
+
+    __slots__ = ("buf", "shape", "pending", "__weakref__")
+
+    def __init__(self, buf, shape, pending=None):
+        self.buf = buf
+        self.shape = tuple(int(s) for s in shape)
+        self.pending = pending  # a fused producer not yet launched: ("rms", x, w, eps) | ("swiglu"/"geglu", g, u)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)
+
+    def reshape(self, *shape) -> "Tensor":
+        if len(shape) == 1 and isinstance(shape[0], tuple):
+            shape = shape[0]
+        shape = list(shape)
+        if -1 in shape:
+            i = shape.index(-1)
+            shape[i] = 1
+            shape[i] = self.size // int(np.prod(shape))
+        if int(np.prod(shape)) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
+        return Tensor(self.buf, shape, self.pending)
+
+    def __getitem__(self, key) -> "Tensor":
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("device tensors take a plain slice over their first axis")
+        start, stop, _ = key.indices(self.shape[0])
+        if start == 0 and stop == self.shape[0]:
+            return self
+        if self.pending is not None:
+            raise ValueError("slice of an unmaterialized tensor")
+        row = self.size // self.shape[0]
+        return Tensor(self.buf[start * row : stop * row], (max(stop - start, 0),) + self.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"Tensor(shape={self.shape}, device)"
+
+
+class Arena:
+    """Bump allocator for activations; `reset` starts over and, when the last pass outgrew the buffer,
+    replaces it by one large enough. The same (offset, size) gives the same buffer object back."""
+
+    ALIGN = 64  # floats
+
+    def __init__(self, floats: int = 1 << 20):
+        self.buf = cuda.device_array(floats, np.float32)
+        self.top = 0
+        self.high = 0
+        self.views: dict = {}
+
+    def alloc(self, n: int, dtype=np.float32):
+        n_f = -(-max(n, 1) * np.dtype(dtype).itemsize // 4)
+        start = self.top
+        self.top += -(-n_f // self.ALIGN) * self.ALIGN
+        self.high = max(self.high, self.top)
+        if self.top > self.buf.size:  # over: a buffer of its own until the next reset grows the arena
+            return cuda.device_array(n, dtype)
+        key = (start, n, np.dtype(dtype).char)
+        view = self.views.get(key)
+        if view is None:
+            view = self.buf[start : start + n_f]
+            if np.dtype(dtype) != np.float32:
+                view = view.view(dtype)[:n]
+            self.views[key] = view
+        return view
+
+    def reset(self):
+        if self.high > self.buf.size:
+            self.buf = cuda.device_array(int(self.high * 1.25), np.float32)
+            self.views = {}
+        self.top = 0
+        self.high = 0
+
+
+def _core():
+    try:
+        from cuda.core import Device
+    except ImportError:
+        from cuda.core.experimental import Device
+    return Device
+
+
+class LaunchQueue:
+    """Queued launches, a parameter block, and the CUDA graph of the last repeated sequence."""
+
+    def __init__(self, graphs: bool = True):
+        self.items: list = []
+        self.graphs = graphs and not SIM and os.environ.get("PYQUANT_CUDA_GRAPHS", "1") != "0"
+        self.graph = None
+        self.graph_sig = None
+        self.last_sig = None
+        self.n_launches = 0  # kernels run (eagerly or inside graphs)
+        self.n_graph_launches = 0
+        self.core_stream = None
+        if self.graphs:
+            try:
+                dev = _core()()
+                dev.set_current()
+                self.device = dev
+                self.core_stream = dev.create_stream()
+                self.stream = cuda.external_stream(int(self.core_stream.handle))
+            except Exception as e:  # no cuda.core: plain launches
+                log.warning("CUDA graphs off: %s", e)
+                self.graphs = False
+        if not self.graphs:
+            self.stream = cuda.stream()
+        self.params_host = self._host_array(1024)
+        self.params_dev = cuda.to_device(self.params_host, stream=self.stream)
+        self.n_params = 1  # slot 0: first position
+        self.pos0 = None
+
+    def _host_array(self, n):
+        return np.zeros(n, np.int32) if SIM else cuda.pinned_array(n, np.int32)
+
+    # --- parameters ---------------------------------------------------------------------------------
+    def set_pos0(self, p: int) -> None:
+        if self.pos0 is not None and p != self.pos0:
+            self.flush()
+        self.params_host[0] = p
+        self.pos0 = p
+
+    def put_ids(self, ids: np.ndarray) -> int:
+        n = len(ids)
+        if self.n_params + n > self.params_host.size:
+            self.flush()
+            if 1 + n > self.params_host.size:
+                self.params_host = self._host_array(max(2 * self.params_host.size, 1 + n))
+                self.params_dev = cuda.device_array(self.params_host.size, np.int32)
+        at = self.n_params
+        self.params_host[at : at + n] = ids
+        self.n_params += n
+        return at
+
+    # --- launches -----------------------------------------------------------------------------------
+    def add(self, kern, grid, block, *args) -> int:
+        self.items.append((kern, grid, block, args))
+        return len(self.items) - 1
+
+    def flush(self) -> None:
+        items = self.items
+        if not items:
+            return
+        self.params_dev.copy_to_device(self.params_host, stream=self.stream)
+        if self.graphs and self.graph is not None and items == self.graph_sig:
+            self.graph.launch(self.core_stream)
+            self.n_graph_launches += 1
+        elif self.graphs and items == self.last_sig:
+            self._capture(items)
+            self.graph.launch(self.core_stream)
+            self.n_graph_launches += 1
+        else:
+            for kern, grid, block, args in items:
+                kern[grid, block, self.stream](*args)
+        self.n_launches += len(items)
+        self.last_sig = items
+        self.items = []
+        self.n_params = 1
+        self.pos0 = None
+
+    def _capture(self, items) -> None:
+        gb = self.core_stream.create_graph_builder() if hasattr(self.core_stream, "create_graph_builder") \
+            else self.device.create_graph_builder()
+        try:
+            gb.begin_building(mode="relaxed")
+        except TypeError:
+            gb.begin_building()
+        for kern, grid, block, args in items:
+            kern[grid, block, gb](*args)
+        self.graph = gb.end_building().complete()
+        self.graph_sig = items
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()

@@ -1,0 +1,197 @@
+"""CUDA kernels and CudaBackend against the numpy oracle (pyquant.quants, NumpyBackend).
+
+Runs for real on a GPU (bench/gpu_check.sh) and, everywhere else, in numba's CUDA simulator on tiny shapes:
+without a GPU and without NUMBA_ENABLE_CUDASIM in the environment, this module turns the simulator on
+before numba.cuda is first imported (the variable only affects numba.cuda, not the CPU kernels).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "numba.cuda" not in sys.modules and "NUMBA_ENABLE_CUDASIM" not in os.environ:
+    import shutil
+
+    if not shutil.which("nvidia-smi"):
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from pyquant.backend import NumpyBackend  # noqa: E402
+from pyquant.gguf import GGUFFile, TensorInfo  # noqa: E402
+from pyquant.quants import dequantize, quantize  # noqa: E402
+
+pytestmark = pytest.mark.cuda
+
+from kernels_cuda import gemm_int8 as g8  # noqa: E402
+from kernels_cuda.backend import CudaBackend, CudaWeight  # noqa: E402
+from kernels_cuda.jit import SIM  # noqa: E402
+from kernels_cuda.quants import int8_codes  # noqa: E402
+
+GEMV_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "f32", "f16"]
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_weight(type: str, n: int, k: int, seed: int = 0, name: str = "w") -> TensorInfo:
+    x = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    data = quantize(x, type) if type not in ("f32",) else x.view(np.uint8)
+    if type == "f16":
+        data = x.astype(np.float16).view(np.uint8)
+    data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return TensorInfo(name, type, (n, k), 0, data.size, data)
+
+
+def dense(t: TensorInfo) -> np.ndarray:
+    return dequantize(t.data, t.type, t.shape).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def be():
+    return CudaBackend(cache_type="f32")
+
+
+# ---- 1. dequantizing GEMV ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type", GEMV_TYPES)
+def test_gemv_matches_dequantized_matmul(be, type):
+    k = 256 if type in ("q4_k", "q5_k", "q6_k") else 64
+    t = make_weight(type, 37, k, seed=1)
+    w = be.weight(t)
+    for n_tok in (1, 3):
+        x = np.random.default_rng(n_tok).standard_normal((n_tok, k)).astype(np.float32)
+        y = be.to_host(be.linear(be.from_host(x), w))
+        ref = x.astype(np.float64) @ dense(t).T
+        assert y.shape == (n_tok, 37)
+        assert rel(y, ref) < 2e-6, (type, n_tok, rel(y, ref))
+
+
+def test_gemv_fusions(be):
+    """RMSNorm and SwiGLU/GeGLU fused into the product's input, bias, and a residual folded into it."""
+    ref_be = NumpyBackend(cache_type="f32", act_quant=False)
+    rng = np.random.default_rng(5)
+    t = make_weight("q8_0", 24, 64, seed=2)
+    w = be.weight(t)
+    x, g, u = (rng.standard_normal((2, 64)).astype(np.float32) for _ in range(3))
+    nw, bias = rng.standard_normal(64).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    r = rng.standard_normal((2, 24)).astype(np.float32)
+    wd = dense(t)
+    h = be.rms_norm(be.from_host(x), be.from_host(nw), 1e-6)
+    y = be.linear(h, w, be.from_host(bias))
+    z = be.add(be.from_host(r), y)
+    assert rel(be.to_host(z), ref_be.rms_norm(x, nw, 1e-6) @ wd.T + bias + r) < 2e-6
+    assert rel(be.to_host(y), ref_be.rms_norm(x, nw, 1e-6) @ wd.T + bias) < 2e-6
+    assert rel(be.to_host(h), ref_be.rms_norm(x, nw, 1e-6)) < 1e-6  # the pending norm, materialized
+    for op in ("swiglu", "geglu"):
+        y = be.linear(getattr(be, op)(be.from_host(g), be.from_host(u)), w)
+        c = np.float32(np.sqrt(2 / np.pi))
+        act = g / (1 + np.exp(-g)) * u if op == "swiglu" else 0.5 * g * (1 + np.tanh(c * (g + 0.044715 * g**3))) * u
+        assert rel(be.to_host(y), act @ wd.T) < 2e-6, op
+
+
+# ---- 2. int8 GEMMs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["dp4a", "mma"])
+def test_int8_gemm_exact(variant):
+    from numba import cuda
+
+    rng = np.random.default_rng(7)
+    m, n, k = (40, 24, 64) if SIM else (300, 260, 1024)
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    c = cuda.to_device(np.full((m, n), -7, np.int32))
+    da, db = cuda.to_device(a.view(np.int32)), cuda.to_device(b.view(np.int32))
+    kern, grid = (g8.gemm_s8_dp4a, ((-(-n // 64), -(-m // 64)), 256)) if variant == "dp4a" else (
+        g8.gemm_s8_mma, g8.gemm_grid(m, n))
+    kern[grid](c, da, db, m, n, k // 4)
+    np.testing.assert_array_equal(c.copy_to_host(), a.astype(np.int64) @ b.astype(np.int64).T)
+
+
+@pytest.mark.parametrize("type", ["q8_0", "q4_1", "q6_k", "f32"])
+def test_prefill_gemm(be, type):
+    """Many tokens: int8 GEMM on activations quantized per 32 values (exact against that rounding), or the
+    float GEMM for weights without integer codes."""
+    k = 256 if type == "q6_k" else 64
+    t = make_weight(type, 20, k, seed=3)
+    codes = int8_codes(t.data, t.type, t.shape)
+    if codes is not None:  # the codes reproduce the dequantized weight exactly
+        c, s, m = codes
+        wq = s.repeat(16, axis=1) * c.astype(np.float32) - (0 if m is None else m.repeat(32, axis=1))
+        np.testing.assert_array_equal(wq, dequantize(t.data, t.type, t.shape))
+    x = np.random.default_rng(4).standard_normal((11, k)).astype(np.float32)
+    be2 = CudaBackend(cache_type="f32", gemv_tokens=4)
+    y = be2.to_host(be2.linear(be2.from_host(x), be2.weight(t)))
+    xb = x.reshape(-1, 32)
+    d = np.abs(xb).max(axis=1, keepdims=True) / np.float32(127)
+    q = np.where(d > 0, np.copysign(np.floor(np.abs(xb / d) + 0.5), xb), 0)
+    xq = (q * d).reshape(x.shape) if codes is not None else x
+    assert rel(y, xq.astype(np.float64) @ dense(t).T) < 2e-6
+
+
+# ---- 3. ops and attention ------------------------------------------------------------------------------------
+
+
+def test_ops_match_reference(be):
+    ref = NumpyBackend(cache_type="f32", act_quant=False)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 2, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    assert rel(be.to_host(be.rms_norm(be.from_host(x), be.from_host(w), 1e-5)), ref.rms_norm(x, w, 1e-5)) < 1e-6
+    pos = np.arange(5, 8)
+    for neox in (True, False):
+        for n_rot in (64, 32):
+            got = be.to_host(be.rope(be.from_host(x), pos, n_rot, 10000.0, neox))
+            assert rel(got, ref.rope(x, pos, n_rot, 10000.0, neox)) < 1e-6, (neox, n_rot)
+    a, b = x[:, 0], x[:, 1]
+    assert rel(be.to_host(be.add(be.from_host(a), be.from_host(b))), a + b) < 1e-7
+    assert rel(be.to_host(be.scale(be.from_host(a), 3.5)), a * 3.5) < 1e-7
+    assert rel(be.to_host(be.swiglu(be.from_host(a), be.from_host(b))), ref.swiglu(a, b)) < 1e-6
+    ref.act_quant = False
+    assert rel(be.to_host(be.geglu(be.from_host(a), be.from_host(b))), ref.geglu(a, b)) < 1e-6
+
+
+def _kv_round(x, cache_type):
+    """K/V values as the cache holds them (float32 scales)."""
+    if cache_type in ("f32", "f16"):
+        return x.astype(np.float16).astype(np.float32) if cache_type == "f16" else x
+    b = x.reshape(-1, 32).astype(np.float32)
+    if cache_type == "q8_0":
+        d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0).astype(np.float32)
+        v = b * inv
+        return (np.copysign(np.floor(np.abs(v) + 0.5), v) * d).reshape(x.shape)
+    i = np.abs(b).argmax(axis=1)
+    d = (b[np.arange(len(b)), i] / np.float32(-8))[:, None]
+    inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.minimum(np.trunc(b * inv + np.float32(8.5)), 15)
+    return ((q - 8) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("window", [0, 2])
+def test_attention_over_cache_types(cache_type, window):
+    """Prefill 3 tokens, then decode 2, against textbook attention over the cache's rounded K/V."""
+    rng = np.random.default_rng(11)
+    be = CudaBackend(cache_type=cache_type)
+    h, g, d, n = 4, 2, 64, 5
+    q, k, v = (rng.standard_normal((n, hh, d)).astype(np.float32) for hh in (h, g, g))
+    cache = be.new_cache(1, 8, g, d, d)
+    outs = [be.to_host(be.attention(be.from_host(q[:3]), be.from_host(k[:3]), be.from_host(v[:3]), cache, 0, 0,
+                                    0.125, window))]
+    for p in (3, 4):
+        outs.append(be.to_host(be.attention(be.from_host(q[p : p + 1]), be.from_host(k[p : p + 1]),
+                                            be.from_host(v[p : p + 1]), cache, 0, p, 0.125, window)))
+    got = np.concatenate(outs)
+    ref = NumpyBackend(cache_type="f32", act_quant=False)
+    rcache = ref.new_cache(1, 8, g, d, d)
+    want = ref.attention(q, _kv_round(k, cache_type), _kv_round(v, cache_type), rcache, 0, 0, 0.125, window)
+    assert rel(got, want) < (1e-6 if cache_type != "f16" else 1e-3), rel(got, want)
+
+
+# ---- 4. the backend in the transformer ------------------------------------------------------------------------
