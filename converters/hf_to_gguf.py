@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 from pyquant.errors import PyquantError
 from pyquant.gguf.writer import TensorSpec, write_gguf
-from pyquant.quants import quantize
+from pyquant.quants import quantize, row_bytes
 
 from . import gemma3, llama, qwen2
 from .mixtures import FILE_TYPES, tensor_types
@@ -70,6 +71,21 @@ def _hf_name_hint(tmap: TensorMap, gguf_name: str) -> str:
     keys = [k for k, (_, n) in tmap._map.mapping.items() if n == base]
     best = next((k for k in keys if k.startswith("model.")), keys[0] if keys else base)
     return f"{best}.{suffix}"
+
+
+# Tensors whose rows are independent (one per token), read and quantized a block of rows at a time: the
+# vocabulary matrices are the largest tensors of small models, and in float32 several times their file size.
+ROW_WISE = ("token_embd.weight", "output.weight")
+CHUNK_VALUES = 1 << 22
+
+
+def _quantize_in_row_blocks(source, hf_name, g, shape, qtype, arch, cfg) -> np.ndarray:
+    out = np.empty((shape[0], row_bytes(qtype, shape[1])), dtype=np.uint8)
+    step = max(1, CHUNK_VALUES // shape[1])
+    for r in range(0, shape[0], step):
+        block = slice(r, min(r + step, shape[0]))
+        out[block] = quantize(arch.fix(g, source.load(hf_name, block), cfg), qtype)
+    return out
 
 
 @dataclass
@@ -131,12 +147,11 @@ def plan(folder: str | Path, file_type: str = "f16", name: str | None = None) ->
     def producer(g: str):
         def produce() -> np.ndarray:
             if g in extra:
-                x = extra[g]
-            else:
-                x = arch.fix(g, source.load(hf_of[g]), cfg)
-                if g == "token_embd.weight":
-                    x = x[:n_vocab]
-            return quantize(x, types[g])
+                return quantize(extra[g], types[g])
+            if g in ROW_WISE and math.prod(shapes[g]) > CHUNK_VALUES:
+                return _quantize_in_row_blocks(source, hf_of[g], g, shapes[g], types[g], arch, cfg)
+            x = arch.fix(g, source.load(hf_of[g]), cfg)
+            return quantize(x[: shapes[g][0]], types[g])
 
         return produce
 

@@ -39,8 +39,11 @@ MAX_HEADER = 100 << 20  # the safetensors spec caps the header at 100 MB
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """uint16 bfloat16 bits -> float32 (exact: bf16 is the top half of a float32)."""
-    return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    """uint16 bfloat16 bits -> float32 (exact: bf16 is the top half of a float32), one allocation: the bits go
+    into the high half of each little-endian float32, the low half stays zero."""
+    out = np.zeros((*raw.shape, 2), dtype=np.uint16)
+    out[..., 1] = raw
+    return out.view(np.float32).reshape(raw.shape)
 
 
 class _SafetensorsFile:
@@ -78,21 +81,26 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, rows: slice | None = None) -> np.ndarray:
         dtype, shape, begin, end = self.entries[name]
         if self._mm is None:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        start = self.data_start + begin
+        start, stop = self.data_start + begin, self.data_start + end
+        if rows is not None:  # a block of rows: one contiguous byte range
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            r0, r1, _ = rows.indices(shape[0])
+            start, stop, shape = start + r0 * row_bytes, start + r1 * row_bytes, (r1 - r0, *shape[1:])
+        item = _ST_DTYPES[dtype]
         raw = np.frombuffer(
-            self._mm, dtype=_ST_DTYPES[dtype], count=int(np.prod(shape, dtype=np.int64)), offset=start
+            self._mm, dtype=item, count=(stop - start) // item.itemsize, offset=start
         ).reshape(shape)
         out = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)  # a copy either way
         del raw
         # the mapped pages were read once: drop them so resident memory stays about one tensor
         page = start - start % mmap.PAGESIZE
-        if end > begin and hasattr(self._mm, "madvise"):
-            self._mm.madvise(mmap.MADV_DONTNEED, page, self.data_start + end - page)
+        if stop > start and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, page, stop - page)
         return out
 
 
@@ -110,10 +118,11 @@ class _TorchFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name].shape)
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, rows: slice | None = None) -> np.ndarray:
         import torch
 
-        return self.entries[name].to(torch.float32).numpy()
+        t = self.entries[name] if rows is None else self.entries[name][rows]
+        return t.to(torch.float32).numpy().copy() if t.dtype == torch.float32 else t.to(torch.float32).numpy()
 
 
 class TensorSource:
@@ -155,10 +164,11 @@ class TensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.where[name].shape(name)
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """float32 copy of a tensor, or of a block of its rows (first axis)."""
         if name not in self.where:
             raise PyquantError(f"{self.folder}: missing tensor {name!r}")
-        return self.where[name].load(name)
+        return self.where[name].load(name, rows)
 
     @property
     def nbytes(self) -> int:
