@@ -24,7 +24,7 @@ MATMUL_MIN_TOKENS = 2  # from this many tokens on, decode 32 rows into a panel a
 class PackedWeight:
     """A weight matrix as the kernels take it: (N, row_bytes) uint8 rows (zero-copy, read-only) + format."""
 
-    __slots__ = ("dequantize", "matmul", "matvec", "name", "rows", "shape", "type")
+    __slots__ = ("dequantize", "matmul", "matvec", "name", "quantized", "rows", "shape", "type")
 
     def __init__(self, name: str, type: str, shape: tuple[int, int], data: np.ndarray):
         if type not in FORMATS:
@@ -40,6 +40,7 @@ class PackedWeight:
             rows = rows.view()
             rows.flags.writeable = False
         self.name, self.type, self.shape, self.rows = name, type, tuple(shape), rows
+        self.quantized = fmt.quantized
         self.matvec, self.matmul = linear.MATVEC[type], linear.MATMUL[type]
         self.dequantize = linear.DEQUANTIZE[type]
 
@@ -81,6 +82,7 @@ class CpuBackend:
         self.threads = set_threads(threads)
         self.cache_type = cache_type
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._act = None
 
     # --- weights ---------------------------------------------------------------------------------------
     def weight(self, t: TensorInfo) -> PackedWeight:
@@ -96,12 +98,33 @@ class CpuBackend:
         return out
 
     def linear(self, x: np.ndarray, w: PackedWeight, bias: np.ndarray | None = None) -> np.ndarray:
-        x = _f32(x)  # (T, K)
         y = np.empty((x.shape[0], w.shape[0]), np.float32)  # (T, N)
-        (w.matmul if x.shape[0] >= MATMUL_MIN_TOKENS else w.matvec)(y, w.rows, x)
+        if x.shape[0] >= MATMUL_MIN_TOKENS:
+            w.matmul(y, w.rows, _f32(x))
+        elif w.quantized:
+            w.matvec(y, w.rows, *self._int8_activations(x))
+        else:
+            w.matvec(y, w.rows, _f32(x))
         if bias is not None:
             y += bias
         return y
+
+    def _int8_activations(self, x: np.ndarray):
+        """x (T, K) as int8 blocks (codes, scales, sums of 16); the last one is kept, as the model feeds the
+        same activations to q/k/v and to gate/up in a row."""
+        if self._act is not None and self._act[0] is x:
+            return self._act[1]
+        t, k = x.shape
+        if k % 32:
+            raise PyquantError(f"activation width {k} is not a multiple of 32")
+        act = (
+            np.empty((t, k), np.int8),
+            np.empty((t, k // 32), np.float32),
+            np.empty((t, k // 16), np.int32),
+        )
+        act_quant.quantize_act(*act, _f32(x))
+        self._act = (x, act)
+        return act
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x = _f32(x)

@@ -1,7 +1,8 @@
-"""The weight formats the CPU kernels read, as data: a code per ggml type, its block geometry, and `dq16`,
-the one place that maps a code to its register decoder.
+"""The weight formats the CPU kernels read, as data: a code per ggml type, its block geometry, and the
+two places that map a code to its kernels: `dq16` (16 values into float registers) and `vdot` (a row's
+integer dot product with int8 activations).
 
-Kernels take the code as a compile-time constant (each public kernel passes its own), so `dq16` folds to a
+Kernels take the code as a compile-time constant (each public kernel passes its own), so these fold to a
 single decoder and every kernel is specialized to one format.
 """
 
@@ -13,9 +14,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import overload
 
+from . import quants_32, quants_k
 from .jit import inline
-from .quants_32 import dq16_bf16, dq16_f16, dq16_f32, dq16_q4_0, dq16_q4_1, dq16_q5_0, dq16_q5_1, dq16_q8_0
-from .quants_k import dq16_q2_k, dq16_q3_k, dq16_q4_k, dq16_q5_k, dq16_q6_k
 
 F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = range(13)
 
@@ -25,6 +25,10 @@ class Format:
     code: int
     block_values: int  # values per block (float rows: a block of 32)
     block_bytes: int
+
+    @property
+    def quantized(self) -> bool:  # takes int8 activations (vdot)
+        return self.code in _VEC_DOTS
 
 
 FORMATS = {
@@ -50,19 +54,31 @@ def block_values(fmt):
 
 
 _DECODERS = {
-    F32: dq16_f32,
-    F16: dq16_f16,
-    BF16: dq16_bf16,
-    Q4_0: dq16_q4_0,
-    Q4_1: dq16_q4_1,
-    Q5_0: dq16_q5_0,
-    Q5_1: dq16_q5_1,
-    Q8_0: dq16_q8_0,
-    Q2_K: dq16_q2_k,
-    Q3_K: dq16_q3_k,
-    Q4_K: dq16_q4_k,
-    Q5_K: dq16_q5_k,
-    Q6_K: dq16_q6_k,
+    F32: quants_32.dq16_f32,
+    F16: quants_32.dq16_f16,
+    BF16: quants_32.dq16_bf16,
+    Q4_0: quants_32.dq16_q4_0,
+    Q4_1: quants_32.dq16_q4_1,
+    Q5_0: quants_32.dq16_q5_0,
+    Q5_1: quants_32.dq16_q5_1,
+    Q8_0: quants_32.dq16_q8_0,
+    Q2_K: quants_k.dq16_q2_k,
+    Q3_K: quants_k.dq16_q3_k,
+    Q4_K: quants_k.dq16_q4_k,
+    Q5_K: quants_k.dq16_q5_k,
+    Q6_K: quants_k.dq16_q6_k,
+}
+_VEC_DOTS = {
+    Q4_0: quants_32.vdot_q4_0,
+    Q4_1: quants_32.vdot_q4_1,
+    Q5_0: quants_32.vdot_q5_0,
+    Q5_1: quants_32.vdot_q5_1,
+    Q8_0: quants_32.vdot_q8_0,
+    Q2_K: quants_k.vdot_q2_k,
+    Q3_K: quants_k.vdot_q3_k,
+    Q4_K: quants_k.vdot_q4_k,
+    Q5_K: quants_k.vdot_q5_k,
+    Q6_K: quants_k.vdot_q6_k,
 }
 
 
@@ -77,3 +93,16 @@ def _dq16(fmt, row, blk, g):
         raise TypingError("dq16 needs the format code as a compile-time constant")
     decoder = _DECODERS[fmt.literal_value]
     return lambda fmt, row, blk, g: decoder(row, blk, g)
+
+
+def vdot(fmt, row, xq, xd, xs):
+    """A packed row's dot product with one token's int8 activations (act_quant.quantize_act), float32."""
+    raise NotImplementedError("vdot runs inside numba kernels only")
+
+
+@overload(vdot, inline="always")
+def _vdot(fmt, row, xq, xd, xs):
+    if not isinstance(fmt, types.IntegerLiteral) or fmt.literal_value not in _VEC_DOTS:
+        raise TypingError("vdot needs the code of a quantized format as a compile-time constant")
+    kernel = _VEC_DOTS[fmt.literal_value]
+    return lambda fmt, row, xq, xd, xs: kernel(row, xq, xd, xs)

@@ -2,8 +2,9 @@
 
 Shapes: x (T, K) float32 activations, W (N, row_bytes) uint8 (GGUF bytes of N rows of K values), y (T, N).
 
-- `matvec_<type>` (small T): one pass over the weights; each row is decoded block by block into registers
-  and dotted with every token while its bytes sit in L1. Rows split across threads.
+- `matvec_<type>` (decode, small T): one pass over the weights, rows split across threads; each row is dotted
+  with every token while its bytes sit in L1. Quantized types take int8 activations (act_quant.quantize_act)
+  and integer dot products (formats.vdot, llama.cpp's vec_dot); float types decode into float registers.
 - `matmul_<type>` (prefill): 32 rows at a time are decoded into a transposed float32 panel (K, 32) that
   stays in L2, then a register-tiled kernel (12 tokens x 32 rows, 24 accumulators) multiplies every
   token with it; the weight bytes are read once per call and decoded once per 32 rows.
@@ -33,6 +34,7 @@ from .formats import (
     Q8_0,
     block_values,
     dq16,
+    vdot,
 )
 from .jit import fast, inline, parallel
 from .simd import fadd, ffma, fget, fload, fput, fregs, fsplat, fstore, fsum, fzero
@@ -64,6 +66,15 @@ def _matvec(y, w, x, fmt):
         row = w[r]
         for t in range(x.shape[0]):
             y[t, r] = _row_dot(row, x[t], nb, bv, fmt)
+
+
+@parallel
+def _matvec_q(y, w, xq, xd, xs, fmt):
+    literally(fmt)
+    for r in prange(w.shape[0]):
+        row = w[r]
+        for t in range(xq.shape[0]):
+            y[t, r] = vdot(fmt, row, xq[t], xd[t], xs[t])
 
 
 @parallel
@@ -161,53 +172,53 @@ def matvec_bf16(y, w, x):
 
 
 @fast
-def matvec_q4_0(y, w, x):
-    _matvec(y, w, x, Q4_0)
+def matvec_q4_0(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q4_0)
 
 
 @fast
-def matvec_q4_1(y, w, x):
-    _matvec(y, w, x, Q4_1)
+def matvec_q4_1(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q4_1)
 
 
 @fast
-def matvec_q5_0(y, w, x):
-    _matvec(y, w, x, Q5_0)
+def matvec_q5_0(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q5_0)
 
 
 @fast
-def matvec_q5_1(y, w, x):
-    _matvec(y, w, x, Q5_1)
+def matvec_q5_1(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q5_1)
 
 
 @fast
-def matvec_q8_0(y, w, x):
-    _matvec(y, w, x, Q8_0)
+def matvec_q8_0(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q8_0)
 
 
 @fast
-def matvec_q2_k(y, w, x):
-    _matvec(y, w, x, Q2_K)
+def matvec_q2_k(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q2_K)
 
 
 @fast
-def matvec_q3_k(y, w, x):
-    _matvec(y, w, x, Q3_K)
+def matvec_q3_k(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q3_K)
 
 
 @fast
-def matvec_q4_k(y, w, x):
-    _matvec(y, w, x, Q4_K)
+def matvec_q4_k(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q4_K)
 
 
 @fast
-def matvec_q5_k(y, w, x):
-    _matvec(y, w, x, Q5_K)
+def matvec_q5_k(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q5_K)
 
 
 @fast
-def matvec_q6_k(y, w, x):
-    _matvec(y, w, x, Q6_K)
+def matvec_q6_k(y, w, xq, xd, xs):
+    _matvec_q(y, w, xq, xd, xs, Q6_K)
 
 
 @fast

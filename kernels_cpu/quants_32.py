@@ -11,9 +11,16 @@ pyquant.quants:
     # Q8_0: 32 values in 34 bytes = d:2 qs:32            x = d * q
 qs byte j holds value j (low nibble) and value j + 16 (high nibble); bit j of qh is value j's fifth bit.
 Float rows are read as blocks of 32 values too (f32: 128 bytes, f16 and bf16: 64 bytes).
+
+Each `vdot_<type>(row, xq, xd, xs)` is the row's dot product with one token's int8 activations (codes xq,
+block scales xd, sums of 16 codes xs; act_quant.quantize_act), as ggml_vec_dot_<type>_q8_0: the codes as
+unsigned bytes against the int8 activations (simd_i8.idot), one float multiply-add per block, and the
+codes' offset taken back out through the activation sums.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .jit import inline
 from .simd import (
@@ -35,6 +42,7 @@ from .simd import (
     itof,
     u32_at,
 )
+from .simd_i8 import bbits, bload, bnib, bor, bxor, f8fma_i, f8sum, f8zero, idot, izero8
 
 
 @inline
@@ -94,3 +102,49 @@ def dq16_f16(row, blk, g):
 @inline
 def dq16_bf16(row, blk, g):
     return fload_bf(row, blk * 64 + 32 * g)
+
+
+@inline
+def _vdot_blocks(row, xq, xd, xs, size, qs_at, qh_at, offset, has_min, is_q8):
+    """The body every 32-value format shares: codes q (unsigned bytes) of block b from nibbles at qs_at
+    (+ fifth bits at qh_at) or, for q8_0, the int8 codes + 128; x = d * (q - offset) (+ m)."""
+    acc = f8zero()
+    corr = np.float32(0)
+    for b in range(xq.shape[0] // 32):
+        o = b * size
+        if is_q8:
+            q = bxor(bload(row, o + qs_at), 0x80)
+        elif qh_at:
+            q = bor(bnib(row, o + qs_at), bbits(row, o + qh_at, 16))
+        else:
+            q = bnib(row, o + qs_at)
+        d = half_at(row, o)
+        acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * b)), d * xd[b], acc)
+        sx = xd[b] * np.float32(xs[2 * b] + xs[2 * b + 1])
+        corr += (half_at(row, o + 2) - offset * d) * sx if has_min else -offset * d * sx
+    return f8sum(acc) + corr
+
+
+@inline
+def vdot_q4_0(row, xq, xd, xs):
+    return _vdot_blocks(row, xq, xd, xs, 18, 2, 0, np.float32(8), False, False)
+
+
+@inline
+def vdot_q4_1(row, xq, xd, xs):
+    return _vdot_blocks(row, xq, xd, xs, 20, 4, 0, np.float32(0), True, False)
+
+
+@inline
+def vdot_q5_0(row, xq, xd, xs):
+    return _vdot_blocks(row, xq, xd, xs, 22, 6, 2, np.float32(16), False, False)
+
+
+@inline
+def vdot_q5_1(row, xq, xd, xs):
+    return _vdot_blocks(row, xq, xd, xs, 24, 8, 4, np.float32(0), True, False)
+
+
+@inline
+def vdot_q8_0(row, xq, xd, xs):
+    return _vdot_blocks(row, xq, xd, xs, 34, 2, 0, np.float32(128), False, True)

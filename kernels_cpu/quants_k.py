@@ -10,12 +10,20 @@ float32x16, computed as ggml's dequantize_row_<type>. Byte maps, as in pyquant.q
     # Q6_K: 256 values in 210 bytes = ql:128 qh:64 scales:16 d:2        x = d*sc_j*(q - 32) (16 x 16)
 2-bit fields (q2_k, q3_k low bits): byte 32h + l holds value 128h + 32k + l at bits 2k..2k+1.
 4-bit fields (q4_k, q5_k): byte 32c + l holds value 64c + l (low nibble) and 64c + 32 + l (high nibble).
+
+`vdot_<type>(row, xq, xd, xs)` is the row's dot product with one token's int8 activations, as
+ggml_vec_dot_<type>_q8_K but on the 32-value activation blocks of act_quant.quantize_act: for each 32 values
+the codes as unsigned bytes (simd_i8.idot) times the sub-block scale(s), the mins and offsets through the
+activation sums of 16.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from .jit import fast, inline
 from .simd import fmul, fsplat, fsub, half_at, iand, iload_u8, ior, ishl, ishr, isub, itof
+from .simd_i8 import band, bload, bor, bshl, bshr, f8fma_i, f8fma_i2, f8sum, f8zero, idot, izero8
 
 
 @fast
@@ -82,3 +90,98 @@ def dq16_q6_k(row, blk, g):
     hi = ishl(iand(ishr(iload_u8(row, o + 128 + 32 * h + l0), 2 * k), 3), 4)
     sc = (row[o + 192 + g] ^ 0x80) - 0x80  # int8
     return fmul(fsplat(half_at(row, o + 208) * sc), itof(isub(ior(lo, hi), 32)))
+
+
+@inline
+def _crumbs32(row, o, j):
+    """2-bit codes of values 32j..32j+31 of a 64-byte 2-bit field at row[o], as bytes."""
+    return band(bshr(bload(row, o + 32 * (j // 4)), 2 * (j % 4)), 3)
+
+
+@inline
+def vdot_q2_k(row, xq, xd, xs):
+    acc = f8zero()
+    corr = np.float32(0)
+    for blk in range(xq.shape[0] // 256):
+        o = blk * 84
+        d, dmin = half_at(row, o + 80), half_at(row, o + 82)
+        for j in range(8):
+            a = 8 * blk + j
+            sa, sb = row[o + 2 * j], row[o + 2 * j + 1]
+            p = idot(izero8(), _crumbs32(row, o + 16, j), bload(xq, 32 * a))
+            acc = f8fma_i2(p, d * xd[a] * (sa & 15), d * xd[a] * (sb & 15), acc)
+            corr += dmin * xd[a] * np.float32((sa >> 4) * xs[2 * a] + (sb >> 4) * xs[2 * a + 1])
+    return f8sum(acc) - corr
+
+
+@inline
+def vdot_q3_k(row, xq, xd, xs):
+    acc = f8zero()
+    corr = np.float32(0)
+    for blk in range(xq.shape[0] // 256):
+        o = blk * 110
+        d = half_at(row, o + 108)
+        hmask = bload(row, o)
+        for j in range(8):
+            a = 8 * blk + j
+            ga, gb = 2 * j, 2 * j + 1
+            sa = ((row[o + 96 + ga % 8] >> (4 * (ga // 8))) & 15) | (
+                ((row[o + 104 + ga % 4] >> (2 * (ga // 4))) & 3) << 4
+            )
+            sb = ((row[o + 96 + gb % 8] >> (4 * (gb // 8))) & 15) | (
+                ((row[o + 104 + gb % 4] >> (2 * (gb // 4))) & 3) << 4
+            )
+            q = bor(_crumbs32(row, o + 32, j), bshl(band(bshr(hmask, j), 1), 2))
+            p = idot(izero8(), q, bload(xq, 32 * a))
+            acc = f8fma_i2(p, d * xd[a] * (sa - 32), d * xd[a] * (sb - 32), acc)
+            corr += d * xd[a] * np.float32((sa - 32) * xs[2 * a] + (sb - 32) * xs[2 * a + 1])
+    return f8sum(acc) - np.float32(4) * corr
+
+
+@inline
+def _vdot_k4(row, xq, xd, xs, size, qs_at, has_qh):
+    """Q4_K and Q5_K: sub-blocks of 32 with 6-bit scales and mins."""
+    acc = f8zero()
+    corr = np.float32(0)
+    for blk in range(xq.shape[0] // 256):
+        o = blk * size
+        d, dmin = half_at(row, o), half_at(row, o + 2)
+        for j in range(8):
+            a = 8 * blk + j
+            sc, m = scale_min_k4(row, o + 4, j)
+            q = band(bshr(bload(row, o + qs_at + 32 * (j // 2)), 4 * (j % 2)), 15)
+            if has_qh:
+                q = bor(q, bshl(band(bshr(bload(row, o + 16), j), 1), 4))
+            acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * a)), d * sc * xd[a], acc)
+            corr += dmin * m * xd[a] * np.float32(xs[2 * a] + xs[2 * a + 1])
+    return f8sum(acc) - corr
+
+
+@inline
+def vdot_q4_k(row, xq, xd, xs):
+    return _vdot_k4(row, xq, xd, xs, 144, 16, False)
+
+
+@inline
+def vdot_q5_k(row, xq, xd, xs):
+    return _vdot_k4(row, xq, xd, xs, 176, 48, True)
+
+
+@inline
+def vdot_q6_k(row, xq, xd, xs):
+    acc = f8zero()
+    corr = np.float32(0)
+    for blk in range(xq.shape[0] // 256):
+        o = blk * 210
+        d = half_at(row, o + 208)
+        for j in range(8):
+            a = 8 * blk + j
+            h, k = j // 4, j % 4
+            lo = band(bshr(bload(row, o + 64 * h + 32 * (k % 2)), 4 * (k // 2)), 15)
+            hi = bshl(band(bshr(bload(row, o + 128 + 32 * h), 2 * k), 3), 4)
+            sa = (row[o + 192 + 2 * j] ^ 0x80) - 0x80
+            sb = (row[o + 193 + 2 * j] ^ 0x80) - 0x80
+            p = idot(izero8(), bor(lo, hi), bload(xq, 32 * a))
+            acc = f8fma_i2(p, d * xd[a] * sa, d * xd[a] * sb, acc)
+            corr += d * xd[a] * np.float32(sa * xs[2 * a] + sb * xs[2 * a + 1])
+    return f8sum(acc) - np.float32(32) * corr

@@ -183,6 +183,34 @@ def fmax(typingctx, a, b):
     return f32x16(a, b), cg
 
 
+def _unary_f(name):
+    @intrinsic
+    def impl(typingctx, a):
+        def cg(context, builder, sig, args):
+            return builder.call(_intrinsic_fn(builder, f"llvm.{name}.v16f32", _VF, [_VF]), [args[0]])
+
+        return f32x16(a), cg
+
+    impl.__doc__ = f"llvm.{name}, lane-wise"
+    return impl
+
+
+fabs = _unary_f("fabs")
+frint = _unary_f("rint")  # to nearest integer, halves to even
+
+
+@intrinsic
+def fstore_i8(typingctx, arr, idx, v):
+    """int8 arr[idx:idx+16] = v (integral values in -128..127)."""
+
+    def cg(context, builder, sig, args):
+        b = builder.trunc(builder.fptosi(args[2], _VI), ir.VectorType(ir.IntType(8), LANES))
+        builder.store(b, _ptr(context, builder, sig.args[0], args[0], args[1], b.type), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), cg
+
+
 @intrinsic
 def fsum(typingctx, a):
     """Sum of the 16 lanes (tree order)."""

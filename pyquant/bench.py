@@ -36,8 +36,8 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
 def _measure_pyquant(spec: dict, t_start: float) -> dict:
     import numpy as np
 
-    from pyquant.gguf import GGUFFile
     from pyquant.backend import make_backend
+    from pyquant.gguf import GGUFFile
     from pyquant.model import Transformer
 
     n_ctx = spec["n_prompt"] + spec["n_gen"] + SHORT_PROMPT
@@ -59,15 +59,24 @@ def _measure_pyquant(spec: dict, t_start: float) -> dict:
             model.forward(np.array([tok]), i, cache)
         return time.perf_counter() - t
 
-    return _repeat(spec, pp, tg) | {"ttft_s": ttft, "kv_bytes": cache.nbytes if hasattr(cache, "nbytes") else None}
+    return _repeat(spec, pp, tg) | {
+        "ttft_s": ttft,
+        "kv_bytes": cache.nbytes if hasattr(cache, "nbytes") else None,
+    }
 
 
 def _measure_llama(spec: dict, t_start: float) -> dict:
     import llama_cpp
 
     n_ctx = spec["n_prompt"] + spec["n_gen"] + SHORT_PROMPT
-    llm = llama_cpp.Llama(spec["model"], n_ctx=n_ctx, n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                          n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(
+        spec["model"],
+        n_ctx=n_ctx,
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        n_batch=512,
+        verbose=False,
+    )
     llm.eval(_tokens(SHORT_PROMPT, 1))
     ttft = time.perf_counter() - t_start
     prompt, gen = _tokens(spec["n_prompt"]), _tokens(spec["n_gen"], 2)
@@ -138,46 +147,83 @@ def add_arguments(p):
     p.add_argument("--plot", metavar="OUT.png", help="bar chart of tok/s (matplotlib)")
 
 
-def bench(model: str, threads: list[int], n_prompt=512, n_gen=128, reps=3, backend="cpu", cache_type="f16",
-          llama=True, log=None) -> dict:
+def bench(
+    model: str,
+    threads: list[int],
+    n_prompt=512,
+    n_gen=128,
+    reps=3,
+    backend="cpu",
+    cache_type="f16",
+    llama=True,
+    log=None,
+) -> dict:
     """Library form of the command: {"model", "file_bytes", "runs": [{"threads", "pyquant": {...}, ...}]}."""
     sides = SIDES if llama else SIDES[:1]
     runs = []
     for n in threads:
         row = {"threads": n}
         for side in sides:
-            spec = dict(side=side, model=model, threads=n, n_prompt=n_prompt, n_gen=n_gen, reps=reps,
-                        backend=backend, cache_type=cache_type)
+            spec = dict(
+                side=side,
+                model=model,
+                threads=n,
+                n_prompt=n_prompt,
+                n_gen=n_gen,
+                reps=reps,
+                backend=backend,
+                cache_type=cache_type,
+            )
             row[side] = run_child(spec)
             if log:
-                log(f"{os.path.basename(model)} {side} t={n}: pp{n_prompt} {row[side]['pp']:.1f} tok/s, "
-                    f"tg{n_gen} {row[side]['tg']:.1f} tok/s, peak RSS {row[side]['rss_bytes'] / 2**20:.0f} MB")
+                log(
+                    f"{os.path.basename(model)} {side} t={n}: pp{n_prompt} {row[side]['pp']:.1f} tok/s, "
+                    f"tg{n_gen} {row[side]['tg']:.1f} tok/s, peak RSS {row[side]['rss_bytes'] / 2**20:.0f} MB"
+                )
         runs.append(row)
-    return {"model": model, "file_bytes": os.path.getsize(model), "n_prompt": n_prompt, "n_gen": n_gen,
-            "reps": reps, "backend": backend, "cache_type": cache_type, "runs": runs}
+    return {
+        "model": model,
+        "file_bytes": os.path.getsize(model),
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "reps": reps,
+        "backend": backend,
+        "cache_type": cache_type,
+        "runs": runs,
+    }
 
 
 def table(result: dict) -> str:
     """Markdown table: tok/s of both sides, ratios, peak RSS against the target."""
     pp, tg = f"pp{result['n_prompt']}", f"tg{result['n_gen']}"
-    lines = [f"{os.path.basename(result['model'])} ({result['file_bytes'] / 2**20:.0f} MB, "
-             f"KV {result['cache_type']}, medians of {result['reps']})", "",
-             f"| threads | test | pyquant tok/s | llama.cpp tok/s | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        f"{os.path.basename(result['model'])} ({result['file_bytes'] / 2**20:.0f} MB, "
+        f"KV {result['cache_type']}, medians of {result['reps']})",
+        "",
+        "| threads | test | pyquant tok/s | llama.cpp tok/s | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for run in result["runs"]:
         ours, ref = run["pyquant"], run.get("llama.cpp")
         for key, name in (("pp", pp), ("tg", tg)):
             theirs = f"{ref[key]:.1f}" if ref else "-"
             ratio = f"{ours[key] / ref[key]:.2f}x" if ref else "-"
             lines.append(f"| {run['threads']} | {name} | {ours[key]:.1f} | {theirs} | {ratio} |")
-    lines += ["", "| threads | side | peak RSS MB | limit MB | time to first token s |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| threads | side | peak RSS MB | limit MB | time to first token s |",
+        "|---|---|---|---|---|",
+    ]
     for run in result["runs"]:
         for side in SIDES:
             if side in run:
                 r = run[side]
                 kv = run["pyquant"].get("kv_bytes") or 0
                 limit = (result["file_bytes"] + kv + RSS_ALLOWANCE) / 2**20
-                lines.append(f"| {run['threads']} | {side} | {r['rss_bytes'] / 2**20:.0f} | {limit:.0f} | "
-                             f"{r['ttft_s']:.2f} |")
+                lines.append(
+                    f"| {run['threads']} | {side} | {r['rss_bytes'] / 2**20:.0f} | {limit:.0f} | "
+                    f"{r['ttft_s']:.2f} |"
+                )
     return "\n".join(lines)
 
 
@@ -222,10 +268,20 @@ def run(args) -> int:
         try:
             import llama_cpp  # noqa: F401
         except ModuleNotFoundError:
-            raise PyquantError("the llama.cpp side needs llama-cpp-python: pip install 'pyquant[bench]' "
-                               "(or pass --no-llama)") from None
-    result = bench(model, threads, args.n_prompt, args.n_gen, args.repetitions, args.backend, args.cache_type,
-                   llama, log=lambda s: print(s, file=sys.stderr, flush=True))
+            raise PyquantError(
+                "the llama.cpp side needs llama-cpp-python: pip install 'pyquant[bench]' (or pass --no-llama)"
+            ) from None
+    result = bench(
+        model,
+        threads,
+        args.n_prompt,
+        args.n_gen,
+        args.repetitions,
+        args.backend,
+        args.cache_type,
+        llama,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

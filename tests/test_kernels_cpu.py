@@ -4,12 +4,14 @@ Tolerances, stated once:
 - decoding packed rows (dequantize_*, the registers every linear reads) and the KV/activation quantizers:
   bit-exact with pyquant.quants;
 - linear (matvec, matmul): float32 sums in another order, so |y - y64| <= 1e-5 * (|x| @ |W|.T), per output,
-  against float64 products of the same dequantized weights;
+  against float64 products of the same dequantized weights; the quantized matvec takes int8 activations
+  (act_quant.quantize_act, bit-exact with llama.cpp's x86 Q8_0 rounding), so its y64 uses those;
 - small ops: 2e-6 relative (a vector exp of ~1 ulp, sums in another order);
 - attention: 1e-5 absolute against float64 softmax(QK^T)V over the cache's own dequantized rows (the cache
   rounding itself is the quantizer's, tested bit-exact);
 - real models: the CPU backend against the numpy backend in exact arithmetic (act_quant off) with the
-  same f16 cache: logits within 1e-2 of the largest |logit|, same argmax at every position.
+  same f16 cache: prefill logits within 1e-2 of the largest |logit| with the same argmax everywhere; decode
+  (int8 activations): median relative L2 <= 4e-2, KL divergence <= 2e-2 on average and <= 0.1 everywhere.
 The first run compiles every kernel (about a minute on 2 cores); later runs load them from numba's cache.
 """
 
@@ -96,15 +98,39 @@ def check_linear(y, x, w):
     )
 
 
+def int8_activations(x):
+    """act_quant.quantize_act's three arrays, and the float32 values they stand for."""
+    t, k = x.shape
+    act = (np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32))
+    act_quant.quantize_act(*act, x)
+    return act, (act[0].reshape(t, -1, 32) * act[1][:, :, None]).reshape(t, k)
+
+
+def test_quantize_act_bit_exact():
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((9, 896)) * rng.uniform(0.001, 100, (9, 1))).astype(np.float32)
+    x[0, :32] = 0
+    x[1, :32] = np.arange(32) - 15.5
+    (xq, xd, xs), _ = int8_activations(x)
+    ref = Q.q8_0.quantize_blocks_x86(x.reshape(-1, 32))
+    assert np.array_equal(xq.reshape(-1, 32), ref[:, 2:].view(np.int8))
+    assert np.array_equal(xd.reshape(-1), ref[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1))
+    assert np.array_equal(xs, xq.reshape(9, -1, 16).astype(np.int32).sum(-1))
+
+
 @pytest.mark.parametrize("type", ALL)
 def test_matvec(type):
     rng = np.random.default_rng(1)
     for n, k in shapes(type):
         p = packed(weights(type, n, k), type)
         for t in (1, 3):
-            x = rng.standard_normal((t, k)).astype(np.float32)
+            x = rng.standard_normal((t, k)).astype(np.float32) * 3
             y = np.full((t, n), np.nan, np.float32)
-            linear.MATVEC[type](y, p, x)
+            if FORMATS[type].quantized:
+                act, x = int8_activations(x)
+                linear.MATVEC[type](y, p, *act)
+            else:
+                linear.MATVEC[type](y, p, x)
             check_linear(y, x, oracle(p, type, (n, k)))
 
 
@@ -128,7 +154,8 @@ def test_backend_linear_picks_kernel_and_adds_bias():
     be = CpuBackend(threads=2)
     for t in (1, 2, 17):
         x = rng.standard_normal((t, 640)).astype(np.float32)
-        check_linear(be.linear(x, pw, bias) - bias, x, oracle(p, "q5_0", (40, 640)))
+        y = be.linear(x, pw, bias) - bias
+        check_linear(y, int8_activations(x)[1] if t == 1 else x, oracle(p, "q5_0", (40, 640)))
 
 
 def test_packed_weight_rejects_unsupported():
@@ -269,6 +296,14 @@ PROMPTS = {
 }
 
 
+def kl_divergence(p_logits, q_logits) -> float:
+    p = np.exp(p_logits - p_logits.max()).astype(np.float64)
+    p /= p.sum()
+    lq = q_logits.astype(np.float64) - q_logits.max()
+    lq -= np.log(np.exp(lq).sum())
+    return float((p * (np.log(np.maximum(p, 1e-300)) - lq)).sum())
+
+
 @pytest.mark.parametrize("model", ["qwen", "gemma"])
 def test_logits_match_numpy_backend(model, request):
     from pyquant.gguf import GGUFFile
@@ -279,13 +314,19 @@ def test_logits_match_numpy_backend(model, request):
     ref = Transformer(f, NumpyBackend(act_quant=False, cache_type="f16"))
     for tokens in PROMPTS[model]:
         tokens = np.array(tokens)
-        got = cpu.forward(tokens, 0, cpu.new_cache(len(tokens) + 1), all_logits=True)
-        want = ref.forward(tokens, 0, ref.new_cache(len(tokens) + 1), all_logits=True)
+        want = ref.forward(tokens, 0, ref.new_cache(len(tokens)), all_logits=True)
+        # prefill: float activations, the same arithmetic as the reference up to summation order
+        got = cpu.forward(tokens, 0, cpu.new_cache(len(tokens)), all_logits=True)
         err = np.abs(got - want).max(axis=1) / np.abs(want).max(axis=1)
-        assert err.max() <= 1e-2, f"{model}: per-position error {np.round(err, 5)}"
+        assert err.max() <= 1e-2, f"{model} prefill: per-position error {np.round(err, 5)}"
         assert np.array_equal(got.argmax(1), want.argmax(1))
-        # decode one more token against the cache the prompt filled
-        cache = cpu.new_cache(len(tokens) + 1)
-        cpu.forward(tokens[:-1], 0, cache)
-        last = cpu.forward(tokens[-1:], len(tokens) - 1, cache)
-        assert np.abs(last - want[-1]).max() <= 1e-2 * np.abs(want[-1]).max()
+        # decode, token by token through the cache: int8 activations, as llama.cpp's. Where an activation
+        # outlier shares a block (qwen's second position) that rounding moves the logits by 0.28 rel L2 here
+        # and by 0.65 in llama.cpp, so the bounds are on the median and the mean, with a cap per position.
+        cache = cpu.new_cache(len(tokens))
+        steps = np.array([cpu.forward(tokens[i : i + 1], i, cache) for i in range(len(tokens))])
+        rel = np.linalg.norm(steps - want, axis=1) / np.linalg.norm(want, axis=1)
+        kl = np.array([kl_divergence(want[i], steps[i]) for i in range(len(tokens))])
+        assert np.median(rel) <= 0.04 and kl.mean() <= 0.02 and kl.max() <= 0.1, (
+            f"{model} decode: rel L2 {np.round(rel, 4)}, KL {np.round(kl, 5)}"
+        )
