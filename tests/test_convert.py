@@ -330,6 +330,43 @@ def test_hparams_metadata(out_dir):
     )
 
 
+def test_gemma3_multimodal_wrapper(tmp_path, out_dir):
+    """Gemma3ForConditionalGeneration: config under text_config, weights under model.language_model., a vision
+    tower to skip; the text model converts to the same file as the plain causal LM."""
+    from safetensors.numpy import save_file
+
+    from converters.safetensors_io import TensorSource
+
+    src, folder = checkpoint("gemma3"), tmp_path / "mm"
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, folder / f.name)
+    text = json.loads((src / "config.json").read_text())
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": {"hidden_size": 8},
+        "tie_word_embeddings": True,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    source = TensorSource(src)
+    tensors = {n.replace("model.", "model.language_model.", 1): source.load(n) for n in source.names()}
+    tensors["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros(
+        (8, 4), np.float32
+    )
+    tensors["model.multi_modal_projector.mm_soft_emb_norm.weight"] = np.zeros(8, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    a = GGUFFile(convert(folder, tmp_path / "mm.gguf", "f16"))
+    b = GGUFFile(converted(out_dir, "gemma3", "f16"))
+    assert list(a.tensors) == list(b.tensors)
+    assert all(np.array_equal(a.tensors[n].data, t.data) for n, t in b.tensors.items())
+    for key, value in b.metadata.items():
+        if key != "general.name":
+            assert np.array_equal(np.asarray(a.metadata[key]), np.asarray(value)), key
+
+
 def test_cli_convert(tmp_path, cli):
     out = tmp_path / "tiny.gguf"
     r = cli("convert", str(checkpoint("llama")), "-o", str(out), "--type", "q8_0")
