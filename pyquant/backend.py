@@ -118,6 +118,8 @@ class NumpyBackend:
         return dequantize(rows, w.type, (len(ids), w.shape[1]))
 
     def linear(self, x: np.ndarray, w: TensorInfo, bias: np.ndarray | None = None) -> np.ndarray:
+        if hasattr(w, "linear"):  # composite PTQ weights (pyquant/ptq/runtime.py) compute their own product
+            return w.linear(x) if bias is None else w.linear(x) + bias
         act = VEC_DOT_TYPE.get(w.type) if self.act_quant else None
         if act:
             x = round_activations(x, act)

@@ -42,7 +42,13 @@ class Transformer:
     """Weights and the forward pass over a backend."""
 
     def __init__(self, f: GGUFFile, backend):
-        self.hp: HParams = read_hparams(f)
+        # --- PTQ hook: files from `pyquant quantize` whose linears are composites (pyquant/ptq/runtime.py)
+        from .ptq.runtime import composite_weights
+
+        ptq = composite_weights(f)  # None for plain GGUF
+        self.kv_quant = ptq.kv_quant if ptq else None
+        # ---
+        self.hp: HParams = read_hparams(ptq.file if ptq else f)
         self.backend = backend
         hp = self.hp
 
@@ -57,6 +63,8 @@ class Transformer:
             return backend.from_host(t.array())
 
         def mat(name):
+            if ptq and name in ptq:  # PTQ hook
+                return ptq[name]
             return backend.weight(f.tensor(name))
 
         self.tok_embd = f.tensor("token_embd.weight")
@@ -84,7 +92,8 @@ class Transformer:
 
     def new_cache(self, n_ctx: int):
         hp = self.hp
-        return self.backend.new_cache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v)
+        maker = self.kv_quant or self.backend  # PTQ hook: a quantized KV cache (Atom)
+        return maker.new_cache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v)
 
     def forward(self, tokens: np.ndarray, pos0: int, cache, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos0.. through the model, filling the cache. Returns float32 logits on the
