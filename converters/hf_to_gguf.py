@@ -65,14 +65,6 @@ def load_config(folder: Path) -> tuple[dict, Architecture]:
     return cfg, BY_MODEL_TYPE[model_type]
 
 
-def _hf_name_hint(tmap: TensorMap, gguf_name: str) -> str:
-    """An HF name that maps to `gguf_name`, for error messages (`model.layers.1.self_attn.q_proj.weight`)."""
-    base, _, suffix = gguf_name.rpartition(".")
-    keys = [k for k, (_, n) in tmap._map.mapping.items() if n == base]
-    best = next((k for k in keys if k.startswith("model.")), keys[0] if keys else base)
-    return f"{best}.{suffix}"
-
-
 # Tensors whose rows are independent (one per token), read and quantized a block of rows at a time: the
 # vocabulary matrices are the largest tensors of small models, and in float32 several times their file size.
 ROW_WISE = ("token_embd.weight", "output.weight")
@@ -86,6 +78,21 @@ def _quantize_in_row_blocks(source, hf_name, g, shape, qtype, arch, cfg) -> np.n
         block = slice(r, min(r + step, shape[0]))
         out[block] = quantize(arch.fix(g, source.load(hf_name, block), cfg), qtype)
     return out
+
+
+def _file_order(names, required: list[str]) -> list[str]:
+    """token_embd, rope_freqs, then block by block (the architecture's order, extras last), output_norm, output."""
+    head = ("token_embd.weight", "rope_freqs.weight")
+    tail = ("output_norm.weight", "output.weight")
+    rank = {g: i for i, g in enumerate(required)}
+
+    def key(g: str) -> tuple:
+        if g in head or g in tail:
+            return (0 if g in head else 2, (head + tail).index(g), 0, g)
+        m = re.match(r"blk\.(\d+)\.", g)
+        return (1, int(m.group(1)) if m else -1, rank.get(g, len(rank)), g)
+
+    return sorted(names, key=key)
 
 
 @dataclass
@@ -119,22 +126,13 @@ def plan(folder: str | Path, file_type: str = "f16", name: str | None = None) ->
     required = tmap.required(tied)
     for g in required:
         if g not in hf_of:
-            raise PyquantError(f"{folder}: missing tensor {_hf_name_hint(tmap, g)!r} (GGUF {g})")
+            raise PyquantError(f"{folder}: missing tensor {tmap.hf_name_hint(g)!r} (GGUF {g})")
 
     vocab = export_vocab(folder, int(cfg["vocab_size"]), arch.name)
     n_vocab = len(vocab[gguf.Keys.Tokenizer.LIST])
     rows = source.shape(hf_of["token_embd.weight"])[0]
     if rows < n_vocab:
         raise PyquantError(f"{folder}: embedding has {rows} rows for {n_vocab} tokens")
-
-    def block_key(g: str) -> tuple:
-        m = re.match(r"blk\.(\d+)\.", g)
-        if g == "token_embd.weight":
-            return (0, 0, 0)
-        if m is None:
-            return (2, 0, g != "output_norm.weight")
-        pos = required.index(g) if g in required else len(required)
-        return (1, int(m.group(1)), pos, g)
 
     shapes = {g: source.shape(h) for g, h in hf_of.items()}
     shapes["token_embd.weight"] = (n_vocab, *shapes["token_embd.weight"][1:])
@@ -155,8 +153,7 @@ def plan(folder: str | Path, file_type: str = "f16", name: str | None = None) ->
 
         return produce
 
-    order = sorted(shapes, key=lambda g: (0, 0, 1) if g == "rope_freqs.weight" else block_key(g))
-    specs = [TensorSpec(g, types[g], shapes[g], producer(g)) for g in order]
+    specs = [TensorSpec(g, types[g], shapes[g], producer(g)) for g in _file_order(shapes, required)]
 
     metadata = {
         "general.architecture": arch.name,

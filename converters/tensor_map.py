@@ -60,6 +60,13 @@ class TensorMap:
             raise PyquantError(f"tensor {hf_name!r} has no GGUF name for architecture {self.arch.name}")
         return name
 
+    def hf_name_hint(self, gguf_name: str) -> str:
+        """An HF name that maps to `gguf_name`, for error messages (`model.layers.1.self_attn.q_proj.weight`)."""
+        base, _, suffix = gguf_name.rpartition(".")
+        keys = [k for k, (_, n) in self._map.mapping.items() if n == base]
+        best = next((k for k in keys if k.startswith("model.")), keys[0] if keys else base)
+        return f"{best}.{suffix}"
+
     def required(self, tied: bool) -> list[str]:
         """GGUF names the converted file must hold, in the order we write them."""
         names = ["token_embd.weight"]
