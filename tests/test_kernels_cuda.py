@@ -195,3 +195,78 @@ def test_attention_over_cache_types(cache_type, window):
 
 
 # ---- 4. the backend in the transformer ------------------------------------------------------------------------
+
+
+def tiny_gguf(path, arch: str, seed: int = 0):
+    """A random-weight model of `arch` small enough for the simulator, with a mix of weight types."""
+    from pyquant.gguf.writer import TensorSpec, write_gguf
+
+    rng = np.random.default_rng(seed)
+    d, h, g, dh, ff, n_vocab, n_layer = 64, 2, 1, 32, 64 if SIM else 512, 48, 2
+    meta = {
+        "general.architecture": arch,
+        f"{arch}.context_length": 64,
+        f"{arch}.embedding_length": d,
+        f"{arch}.block_count": n_layer,
+        f"{arch}.feed_forward_length": ff,
+        f"{arch}.attention.head_count": h,
+        f"{arch}.attention.head_count_kv": g,
+        f"{arch}.attention.key_length": dh,
+        f"{arch}.attention.value_length": dh,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
+        f"{arch}.rope.freq_base": 10000.0,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(n_vocab)],
+    }
+    if arch == "gemma3":
+        meta[f"{arch}.attention.sliding_window"] = 3
+    specs = []
+
+    def add(name, shape, type, scale=0.3):
+        x = (rng.standard_normal(shape) * scale).astype(np.float32)
+        specs.append(TensorSpec(name, type, shape, (lambda x=x, t=type: x if t == "f32" else quantize(x, t))))
+
+    add("token_embd.weight", (n_vocab, d), "q8_0", 1.0)
+    add("output_norm.weight", (d,), "f32", 1.0)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (d,), "f32", 1.0)
+        add(p + "attn_q.weight", (h * dh, d), "q5_0")
+        add(p + "attn_k.weight", (g * dh, d), "q4_0")
+        add(p + "attn_v.weight", (g * dh, d), "q8_0")
+        add(p + "attn_output.weight", (d, h * dh), "q4_1")
+        add(p + "ffn_norm.weight", (d,), "f32", 1.0)
+        add(p + "ffn_gate.weight", (ff, d), "q5_0")
+        add(p + "ffn_up.weight", (ff, d), "q8_0")
+        add(p + "ffn_down.weight", (d, ff), ("q6_k" if i % 2 else "q4_k") if ff % 256 == 0 else "q4_0", 0.1)
+        if arch == "qwen2":
+            for name, n in (("attn_q.bias", h * dh), ("attn_k.bias", g * dh), ("attn_v.bias", g * dh)):
+                add(p + name, (n,), "f32")
+        else:
+            for name, n in (("attn_q_norm.weight", dh), ("attn_k_norm.weight", dh), ("post_attention_norm.weight", d),
+                            ("post_ffw_norm.weight", d)):
+                add(p + name, (n,), "f32", 1.0)
+    return write_gguf(path, meta, specs)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_backend_logits_match_numpy(tmp_path, arch):
+    """Prefill (GEMV path and int8 GEMM path) then decode steps: logits against the numpy backend's exact
+    arithmetic (the int8 path rounds activations to 8 bits: a looser bound)."""
+    from pyquant.model import Transformer
+
+    f = GGUFFile(tiny_gguf(tmp_path / "tiny.gguf", arch))
+    tokens = np.array([3, 17, 5, 40, 8, 22])
+    ref = Transformer(f, NumpyBackend(cache_type="f32", act_quant=False))
+    rc = ref.new_cache(16)
+    want = [ref.forward(tokens[:4], 0, rc, all_logits=True)]
+    want += [ref.forward(tokens[i : i + 1], i, rc) for i in (4, 5)]
+    for be, tol in ((CudaBackend(cache_type="f32"), 1e-5), (CudaBackend(cache_type="f32", gemv_tokens=2), 6e-2)):
+        m = Transformer(f, be)
+        cache = m.new_cache(16)
+        got = [m.forward(tokens[:4], 0, cache, all_logits=True)]
+        got += [m.forward(tokens[i : i + 1], i, cache) for i in (4, 5)]
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            assert rel(a, b) < tol, (be.gemv_tokens, rel(a, b))
+        assert np.argmax(got[-1]) == np.argmax(want[-1])

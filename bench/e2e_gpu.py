@@ -1,0 +1,283 @@
+"""End-to-end throughput on the GPU machine: pyquant's CPU backend vs its CUDA backend vs transformers fp16
+(the GPU peer, on the same weights), on random-weight models of the two real models' shapes, plus the int8
+GEMM at M = N = K = 4096 against torch._int_mm and the decode roofline.
+
+The real GGUF files cannot travel to the GPU machine, so each model is rebuilt there: transformers makes a
+random fp16 checkpoint from the real config.json (bench/models/NAME), and `pyquant convert --type q4_k_m`
+turns it into a GGUF with the real files' type mix. Measures, as llama-bench does: pp512 (one forward pass
+over 512 tokens) and tg128 (128 single-token steps from an empty context, greedy). Prints one table, writes
+e2e_gpu.json and e2e_gpu.png to --out.
+
+    python bench/e2e_gpu.py --out $OUT [--models qwen gemma] [--cpu-tg 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MODELS = ROOT / "bench" / "models"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def build(name: str, work: Path) -> tuple[Path, Path]:
+    """(HF checkpoint folder, q4_k_m GGUF) of a random-weight model shaped as the real `name`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from converters.hf_to_gguf import convert
+
+    hf = work / f"hf-{name}"
+    hf.mkdir(parents=True, exist_ok=True)
+    for f in (MODELS / name).iterdir():
+        if f.suffix == ".xz":
+            (hf / f.stem).write_bytes(lzma.decompress(f.read_bytes()))
+        else:
+            shutil.copy(f, hf / f.name)
+    t0 = time.time()
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(hf)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
+    model.save_pretrained(hf, safe_serialization=True)
+    del model
+    gguf = work / f"{name}-q4_k_m.gguf"
+    convert(hf, gguf, "q4_k_m")
+    log(f"built {name}: {time.time() - t0:.1f} s")
+    return hf, gguf
+
+
+def weight_bytes_per_token(gguf: Path) -> int:
+    """Bytes of the matrices one decode step reads: every layer matrix and the output projection."""
+    from pyquant.gguf import GGUFFile
+
+    f = GGUFFile(gguf)
+    out = f.tensors.get("output.weight", f.tensors["token_embd.weight"])
+    return sum(t.nbytes for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2) + out.nbytes
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+
+
+def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
+    from pyquant.backend import make_backend
+    from pyquant.gguf import GGUFFile
+    from pyquant.model import Transformer
+
+    be = make_backend(backend)
+    m = Transformer(GGUFFile(gguf), be)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, m.hp.n_vocab, n_pp)
+    cache = m.new_cache(n_pp + n_tg + 8)
+    t0 = time.perf_counter()
+    m.forward(prompt, 0, cache)  # compiles
+    warm_s = time.perf_counter() - t0
+    pp = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        m.forward(prompt, 0, cache)
+        pp.append(time.perf_counter() - t0)
+    tok = int(prompt[0])
+    for i in range(3):  # compiles, then captures the decode graph
+        m.forward(np.array([tok]), i, cache)
+    t0 = time.perf_counter()
+    for i in range(n_tg):
+        tok = int(np.argmax(m.forward(np.array([tok]), i, cache)))
+    tg_s = time.perf_counter() - t0
+    res = {"pp_tok_s": n_pp / min(pp), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg, "warm_s": warm_s}
+    q = getattr(be, "queue", None)
+    if q is not None:
+        res["graph_launches"] = q.n_graph_launches
+        res["kernels_per_token"] = len(q.last_sig or ())
+    return res
+
+
+def run_transformers(hf: Path, n_pp: int, n_tg: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float16).cuda().eval()
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(0, model.config.vocab_size, n_pp)[None], device="cuda")
+    with torch.no_grad():
+        model(ids)
+        torch.cuda.synchronize()
+        pp = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model(ids)
+            torch.cuda.synchronize()
+            pp.append(time.perf_counter() - t0)
+
+        def decode(n):
+            cache = DynamicCache()
+            tok = ids[:, :1]
+            for _ in range(n):
+                out = model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+
+        decode(4)
+        t0 = time.perf_counter()
+        decode(n_tg)
+        tg_s = time.perf_counter() - t0
+    return {"pp_tok_s": n_pp / min(pp), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg}
+
+
+def hbm_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import torch
+
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
+
+
+def int8_gemm(n: int = 4096, reps: int = 10) -> dict:
+    import torch
+    from numba import cuda
+
+    from kernels_cuda import gemm_int8 as g8
+
+    a = torch.randint(-128, 128, (n, n), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device="cuda")  # (N, K)
+    ref = torch._int_mm(a, b.t())
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    ops = 2 * n**3
+    res = {"torch_int_mm_tops": ops / timed(lambda: torch._int_mm(a, b.t())) / 1e12}
+    da, db = cuda.as_cuda_array(a.view(torch.int32)), cuda.as_cuda_array(b.view(torch.int32))
+    for name, kern, grid in (("mma", g8.gemm_s8_mma, g8.gemm_grid(n, n)),
+                             ("dp4a", g8.gemm_s8_dp4a, ((n // 64, n // 64), 256))):
+        c = torch.empty((n, n), dtype=torch.int32, device="cuda")
+        dc = cuda.as_cuda_array(c)
+        t = timed(lambda: kern[grid](dc, da, db, n, n, n // 4))
+        res[f"{name}_tops"] = ops / t / 1e12
+        res[f"{name}_exact"] = bool(torch.equal(c, ref))
+    res["mma_vs_torch"] = res["mma_tops"] / res["torch_int_mm_tops"]
+    return res
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    lines = [f"{'model':8} {'engine':22} {'pp512 tok/s':>12} {'tg128 tok/s':>12}"]
+    for name, r in results["models"].items():
+        for eng in ("cpu", "cuda", "transformers_fp16"):
+            e = r.get(eng)
+            if isinstance(e, dict) and "pp_tok_s" in e:
+                lines.append(f"{name:8} {eng:22} {e['pp_tok_s']:12.1f} {e['tg_tok_s']:12.1f}"
+                             + (f"   (tg over {e['n_tg']} tokens)" if e["n_tg"] != 128 else ""))
+            elif e is not None:
+                lines.append(f"{name:8} {eng:22} {'error: ' + str(e)[:60]}")
+        c, t = r.get("cuda"), r.get("transformers_fp16")
+        if isinstance(c, dict) and "tg_tok_s" in c:
+            lines.append(f"{name:8} cuda decode roofline: {r['weight_mb_per_token']:.0f} MB/token x "
+                         f"{c['tg_tok_s']:.0f} tok/s = {r['roofline_fraction'] * 100:.1f}% of "
+                         f"{results['hbm_tb_s']:.2f} TB/s; {c.get('kernels_per_token')} kernels/token")
+            if isinstance(t, dict):
+                lines.append(f"{name:8} cuda / transformers: pp {c['pp_tok_s'] / t['pp_tok_s']:.2f}x, "
+                             f"tg {c['tg_tok_s'] / t['tg_tok_s']:.2f}x")
+    g = results.get("int8_gemm")
+    if isinstance(g, dict):
+        lines.append(f"int8 GEMM 4096^3: mma {g['mma_tops']:.1f} TOPS (exact {g['mma_exact']}), dp4a "
+                     f"{g['dp4a_tops']:.1f} TOPS (exact {g['dp4a_exact']}), torch._int_mm {g['torch_int_mm_tops']:.1f}"
+                     f" TOPS; mma/torch {g['mma_vs_torch']:.2f}x")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    engines = ("cpu", "cuda", "transformers_fp16")
+    for ax, key, title in ((axes[0], "pp_tok_s", "prefill pp512"), (axes[1], "tg_tok_s", "decode tg128")):
+        names = list(results["models"])
+        for j, eng in enumerate(engines):
+            vals = [results["models"][n].get(eng, {}).get(key, 0) if isinstance(results["models"][n].get(eng), dict)
+                    else 0 for n in names]
+            ax.bar(np.arange(len(names)) + 0.27 * (j - 1), vals, 0.27, label=eng)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/pyquant-e2e"))
+    ap.add_argument("--models", nargs="+", default=["qwen", "gemma"])
+    ap.add_argument("--cpu-tg", type=int, default=16, help="decode steps timed on the CPU backend")
+    ap.add_argument("--no-cpu", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"models": {}}
+    try:
+        results["hbm_tb_s"] = hbm_bandwidth() / 1e12
+        results["int8_gemm"] = int8_gemm()
+    except Exception as e:  # report and go on
+        results["int8_gemm"] = f"{type(e).__name__}: {e}"
+    log(json.dumps(results))
+    for name in args.models:
+        r = results["models"][name] = {}
+        try:
+            hf, gguf = build(name, args.work)
+            r["weight_mb_per_token"] = weight_bytes_per_token(gguf) / 1e6
+            r["cuda"] = run_pyquant(gguf, "cuda", 512, 128)
+            r["roofline_fraction"] = r["weight_mb_per_token"] * 1e6 * r["cuda"]["tg_tok_s"] / (results["hbm_tb_s"] * 1e12)
+            log(name, "cuda", r["cuda"])
+            r["transformers_fp16"] = run_transformers(hf, 512, 128)
+            log(name, "transformers", r["transformers_fp16"])
+            if not args.no_cpu:
+                r["cpu"] = run_pyquant(gguf, "cpu", 512, args.cpu_tg)
+                log(name, "cpu", r["cpu"])
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            r.setdefault("error", f"{type(e).__name__}: {e}")
+        (args.out / "e2e_gpu.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "e2e_gpu.png")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

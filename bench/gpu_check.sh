@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check, one device call (< 10 min): install what the image lacks (wheels carried in .whl/: numpy 2.4.x,
+# which numba-cuda needs, and gguf), run the `cuda` tests for real, build the two same-shape random-weight
+# models, run bench/e2e_gpu.py (table on stdout, JSON + PNG in $OUT) and `pyquant run --device cuda`.
+#   bash bench/gpu_check.sh            E2E_ARGS="--no-cpu --models qwen" bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pyquant-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import numpy, numba, numba.cuda as c, torch; print('numpy', numpy.__version__, 'numba', numba.__version__, \
+'torch', torch.__version__, c.get_current_device().name)"
+rc=0
+timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m cuda -x tests/test_kernels_cuda.py -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests.log" | tail -25 || rc=1
+timeout ${E2E_TIMEOUT:-420} python3 bench/e2e_gpu.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -40 || rc=1
+gguf=/tmp/pyquant-e2e/qwen-q4_k_m.gguf
+if [ -f "$gguf" ]; then
+    timeout 120 python3 -m pyquant.cli run --device cuda -m "$gguf" -p "Hello" -n 16 --temp 0 2>&1 | tail -3 || rc=1
+fi
+exit $rc
