@@ -39,15 +39,24 @@ def cache_arrays(kind: int, n_values: int):
 
 
 @device
-def load(kind, c, s, i):
-    """Value i of a cache array."""
-    if kind == Q8_0:
-        return s[i // 32] * float32(c[i])
-    if kind == Q4_0:
-        b = i // 32
-        j = i % 32
-        return s[b] * float32(np.int32((c[16 * b + j % 16] >> (4 * (j // 16))) & 15) - 8)
+def load_f(c, s, i):
+    """Value i of an f32 / f16 cache array."""
     return float32(c[i])
+
+
+@device
+def load_q8_0(c, s, i):
+    return s[i // 32] * float32(c[i])
+
+
+@device
+def load_q4_0(c, s, i):
+    b = i // 32
+    j = i % 32
+    return s[b] * float32(np.int32((c[16 * b + j % 16] >> (4 * (j // 16))) & 15) - 8)
+
+
+LOADERS = {F32: load_f, F16: load_f, Q8_0: load_q8_0, Q4_0: load_q4_0}
 
 
 _STORE: dict = {}
@@ -108,6 +117,8 @@ def attend_kernel(kind: int):
 
 
 def _make_attend(kind):
+    load = LOADERS[kind]
+
     @kernel
     def attend(out, q, kc, ks, vc, vs, params, scale, window, H, G, Dk, Dv):
         """out (T, H, Dv) = softmax(scale * q K^T, causal, window) V for q (T, H, Dk); grid (H, T)."""
@@ -134,7 +145,7 @@ def _make_attend(kind):
                 base = (s * G + g) * Dk
                 score = float32(0.0)
                 for i in range(Dk):
-                    score += sq[i] * load(kind, kc, ks, base + i)
+                    score += sq[i] * load(kc, ks, base + i)
             m_new = max(m, block_max(red, score))
             p = math.exp(score - m_new) if s <= qpos else float32(0.0)
             sp[tid] = p
@@ -147,9 +158,9 @@ def _make_attend(kind):
             for j in range(n):
                 base = ((s0 + j) * G + g) * Dv
                 if tid < Dv:
-                    acc0 += sp[j] * load(kind, vc, vs, base + tid)
+                    acc0 += sp[j] * load(vc, vs, base + tid)
                 if tid + THREADS < Dv:
-                    acc1 += sp[j] * load(kind, vc, vs, base + tid + THREADS)
+                    acc1 += sp[j] * load(vc, vs, base + tid + THREADS)
             cuda.syncthreads()
         o = (t * H + h) * Dv
         if tid < Dv:

@@ -186,8 +186,7 @@ class LaunchQueue:
         if self.graphs and self.graph is not None and items == self.graph_sig:
             self.graph.launch(self.core_stream)
             self.n_graph_launches += 1
-        elif self.graphs and items == self.last_sig:
-            self._capture(items)
+        elif self.graphs and items == self.last_sig and self._capture(items):
             self.graph.launch(self.core_stream)
             self.n_graph_launches += 1
         else:
@@ -199,17 +198,25 @@ class LaunchQueue:
         self.n_params = 1
         self.pos0 = None
 
-    def _capture(self, items) -> None:
-        gb = self.core_stream.create_graph_builder() if hasattr(self.core_stream, "create_graph_builder") \
-            else self.device.create_graph_builder()
+    def _capture(self, items) -> bool:
+        """Record the queue as a CUDA graph; on failure, turn graphs off and say so (the queue then runs eagerly)."""
+        gb = None
         try:
-            gb.begin_building(mode="relaxed")
-        except TypeError:
-            gb.begin_building()
-        for kern, grid, block, args in items:
-            kern[grid, block, gb](*args)
-        self.graph = gb.end_building().complete()
-        self.graph_sig = items
+            gb = self.device.create_graph_builder()
+            try:
+                gb.begin_building(mode="relaxed")
+            except TypeError:
+                gb.begin_building()
+            for kern, grid, block, args in items:
+                kern[grid, block, gb](*args)
+            self.graph = gb.end_building().complete()
+            self.graph_sig = items
+            return True
+        except Exception as e:
+            log.warning("CUDA graph capture failed, launching eagerly from now on: %s: %s", type(e).__name__, e)
+            self.graphs = False
+            self.graph = self.graph_sig = None
+            return False
 
     def synchronize(self) -> None:
         self.stream.synchronize()
