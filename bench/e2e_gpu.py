@@ -105,7 +105,56 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
     if q is not None:
         res["graph_launches"] = q.n_graph_launches
         res["kernels_per_token"] = len(q.last_sig or ())
+        if q.graph is not None:  # the device side alone: the captured step replayed
+            q.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(50):
+                q.graph.launch(q.core_stream)
+            q.synchronize()
+            res["graph_ms_per_token"] = (time.perf_counter() - t0) / 50 * 1e3
+        res["decode_kernel_us_eager"] = decode_profile(q)
+        res["kernel_resources"] = kernel_resources()
+        t0 = time.perf_counter()  # the host side alone: ops queued, nothing launched
+        flush, q.flush = q.flush, lambda: q.items.clear()
+        for i in range(20):
+            m.forward(np.array([tok]), i, cache)
+        q.flush = flush
+        res["host_ms_per_token"] = (time.perf_counter() - t0) / 20 * 1e3
     return res
+
+
+def kernel_resources() -> dict:
+    """Registers and local memory (bytes) per thread of each compiled GEMV / attention kernel."""
+    from kernels_cuda import attention, matvec
+
+    out = {}
+    for table in (matvec._GEMV, attention._ATTEND):
+        for key, k in table.items():
+            try:
+                out[str(key)] = [k.get_regs_per_thread(), k.get_local_mem_per_thread()]
+            except Exception as e:  # not compiled, or an older numba-cuda
+                out[str(key)] = str(e)[:80]
+    return out
+
+
+def decode_profile(q) -> dict:
+    """Time of one decode step's kernels, by kernel and grid, in microseconds: events around each eager launch,
+    so every entry also holds a launch gap (~30 us); only the large ones say much."""
+    from numba import cuda
+
+    times: dict = {}
+    for kern, grid, block, args in q.last_sig:
+        a, b = cuda.event(), cuda.event()
+        a.record(q.stream)
+        kern[grid, block, q.stream](*args)
+        b.record(q.stream)
+        b.synchronize()
+        name = getattr(kern, "__name__", None) or getattr(getattr(kern, "py_func", None), "__name__", "?")
+        name = f"{name}{tuple(grid) if isinstance(grid, tuple) else (grid,)}"
+        times[name] = times.get(name, 0.0) + cuda.event_elapsed_time(a, b) * 1e3
+    top = dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
+    top["total"] = sum(times.values())
+    return top
 
 
 def run_transformers(hf: Path, n_pp: int, n_tg: int) -> dict:

@@ -155,12 +155,29 @@ def _make_attend(kind):
             n = min(THREADS, qpos + 1 - s0)
             acc0 *= corr
             acc1 *= corr
-            for j in range(n):
-                base = ((s0 + j) * G + g) * Dv
-                if tid < Dv:
-                    acc0 += sp[j] * load(vc, vs, base + tid)
-                if tid + THREADS < Dv:
-                    acc1 += sp[j] * load(vc, vs, base + tid + THREADS)
+            stride = G * Dv
+            for half in range(2):  # dims tid and tid + THREADS; four keys per step, loads issued together
+                dim = tid + half * THREADS
+                if dim < Dv:
+                    a = float32(0.0)
+                    base = (s0 * G + g) * Dv + dim
+                    j = 0
+                    while j + 4 <= n:
+                        v0 = load(vc, vs, base)
+                        v1 = load(vc, vs, base + stride)
+                        v2 = load(vc, vs, base + 2 * stride)
+                        v3 = load(vc, vs, base + 3 * stride)
+                        a += sp[j] * v0 + sp[j + 1] * v1 + sp[j + 2] * v2 + sp[j + 3] * v3
+                        base += 4 * stride
+                        j += 4
+                    while j < n:
+                        a += sp[j] * load(vc, vs, base)
+                        base += stride
+                        j += 1
+                    if half == 0:
+                        acc0 += a
+                    else:
+                        acc1 += a
             cuda.syncthreads()
         o = (t * H + h) * Dv
         if tid < Dv:
