@@ -23,7 +23,9 @@ import numpy as np
 
 from .jit import fast, inline
 from .simd import fmul, fsplat, fsub, half_at, iand, iload_u8, ior, ishl, ishr, isub, itof
-from .simd_i8 import band, bload, bor, bshl, bshr, f8fma_i, f8fma_i2, f8sum, f8zero, idot, izero8
+from .simd_i8 import bfield, bload, bor, bshl, f8fma_i, f8fma_i2, f8sum, f8zero, idot, izero8
+
+F32 = np.float32
 
 
 @fast
@@ -47,8 +49,8 @@ def crumbs(row, o, g):
 def dq16_q2_k(row, blk, g):
     o = blk * 84
     sc = row[o + g]
-    d = half_at(row, o + 80) * (sc & 0x0F)
-    m = half_at(row, o + 82) * (sc >> 4)
+    d = half_at(row, o + 80) * F32(sc & 0x0F)
+    m = half_at(row, o + 82) * F32(sc >> 4)
     return fsub(fmul(fsplat(d), itof(crumbs(row, o + 16, g))), fsplat(m))
 
 
@@ -60,7 +62,7 @@ def dq16_q3_k(row, blk, g):
     )
     hbit = iand(ishr(iload_u8(row, o + 16 * (g % 2)), g // 2), 1)
     q = ior(crumbs(row, o + 32, g), ishl(hbit, 2))
-    return fmul(fsplat(half_at(row, o + 108) * (s - 32)), itof(isub(q, 4)))
+    return fmul(fsplat(half_at(row, o + 108) * F32(s - 32)), itof(isub(q, 4)))
 
 
 @inline
@@ -69,7 +71,7 @@ def dq16_q4_k(row, blk, g):
     j = g // 2
     sc, m = scale_min_k4(row, o + 4, j)
     q = iand(ishr(iload_u8(row, o + 16 + 32 * (j // 2) + 16 * (g % 2)), 4 * (j % 2)), 15)
-    return fsub(fmul(fsplat(half_at(row, o) * sc), itof(q)), fsplat(half_at(row, o + 2) * m))
+    return fsub(fmul(fsplat(half_at(row, o) * F32(sc)), itof(q)), fsplat(half_at(row, o + 2) * F32(m)))
 
 
 @inline
@@ -79,7 +81,9 @@ def dq16_q5_k(row, blk, g):
     sc, m = scale_min_k4(row, o + 4, j)
     lo = iand(ishr(iload_u8(row, o + 48 + 32 * (j // 2) + 16 * (g % 2)), 4 * (j % 2)), 15)
     hi = ishl(iand(ishr(iload_u8(row, o + 16 + 16 * (g % 2)), j), 1), 4)
-    return fsub(fmul(fsplat(half_at(row, o) * sc), itof(ior(lo, hi))), fsplat(half_at(row, o + 2) * m))
+    return fsub(
+        fmul(fsplat(half_at(row, o) * F32(sc)), itof(ior(lo, hi))), fsplat(half_at(row, o + 2) * F32(m))
+    )
 
 
 @inline
@@ -89,19 +93,19 @@ def dq16_q6_k(row, blk, g):
     lo = iand(ishr(iload_u8(row, o + 64 * h + 32 * (k % 2) + l0), 4 * (k // 2)), 15)
     hi = ishl(iand(ishr(iload_u8(row, o + 128 + 32 * h + l0), 2 * k), 3), 4)
     sc = (row[o + 192 + g] ^ 0x80) - 0x80  # int8
-    return fmul(fsplat(half_at(row, o + 208) * sc), itof(isub(ior(lo, hi), 32)))
+    return fmul(fsplat(half_at(row, o + 208) * F32(sc)), itof(isub(ior(lo, hi), 32)))
 
 
 @inline
 def _crumbs32(row, o, j):
     """2-bit codes of values 32j..32j+31 of a 64-byte 2-bit field at row[o], as bytes."""
-    return band(bshr(bload(row, o + 32 * (j // 4)), 2 * (j % 4)), 3)
+    return bfield(bload(row, o + 32 * (j // 4)), 2 * (j % 4), 3)
 
 
 @inline
 def vdot_q2_k(row, xq, xd, xs):
     acc = f8zero()
-    corr = np.float32(0)
+    corr = F32(0)
     for blk in range(xq.shape[0] // 256):
         o = blk * 84
         d, dmin = half_at(row, o + 80), half_at(row, o + 82)
@@ -109,15 +113,16 @@ def vdot_q2_k(row, xq, xd, xs):
             a = 8 * blk + j
             sa, sb = row[o + 2 * j], row[o + 2 * j + 1]
             p = idot(izero8(), _crumbs32(row, o + 16, j), bload(xq, 32 * a))
-            acc = f8fma_i2(p, d * xd[a] * (sa & 15), d * xd[a] * (sb & 15), acc)
-            corr += dmin * xd[a] * np.float32((sa >> 4) * xs[2 * a] + (sb >> 4) * xs[2 * a + 1])
+            dx = d * xd[a]
+            acc = f8fma_i2(p, dx * F32(sa & 15), dx * F32(sb & 15), acc)
+            corr += dmin * xd[a] * F32((sa >> 4) * xs[2 * a] + (sb >> 4) * xs[2 * a + 1])
     return f8sum(acc) - corr
 
 
 @inline
 def vdot_q3_k(row, xq, xd, xs):
     acc = f8zero()
-    corr = np.float32(0)
+    corr = F32(0)
     for blk in range(xq.shape[0] // 256):
         o = blk * 110
         d = half_at(row, o + 108)
@@ -131,29 +136,30 @@ def vdot_q3_k(row, xq, xd, xs):
             sb = ((row[o + 96 + gb % 8] >> (4 * (gb // 8))) & 15) | (
                 ((row[o + 104 + gb % 4] >> (2 * (gb // 4))) & 3) << 4
             )
-            q = bor(_crumbs32(row, o + 32, j), bshl(band(bshr(hmask, j), 1), 2))
+            q = bor(_crumbs32(row, o + 32, j), bshl(bfield(hmask, j, 1), 2))
             p = idot(izero8(), q, bload(xq, 32 * a))
-            acc = f8fma_i2(p, d * xd[a] * (sa - 32), d * xd[a] * (sb - 32), acc)
-            corr += d * xd[a] * np.float32((sa - 32) * xs[2 * a] + (sb - 32) * xs[2 * a + 1])
-    return f8sum(acc) - np.float32(4) * corr
+            dx = d * xd[a]
+            acc = f8fma_i2(p, dx * F32(sa - 32), dx * F32(sb - 32), acc)
+            corr += dx * F32((sa - 32) * xs[2 * a] + (sb - 32) * xs[2 * a + 1])
+    return f8sum(acc) - F32(4) * corr
 
 
 @inline
 def _vdot_k4(row, xq, xd, xs, size, qs_at, has_qh):
     """Q4_K and Q5_K: sub-blocks of 32 with 6-bit scales and mins."""
     acc = f8zero()
-    corr = np.float32(0)
+    corr = F32(0)
     for blk in range(xq.shape[0] // 256):
         o = blk * size
         d, dmin = half_at(row, o), half_at(row, o + 2)
         for j in range(8):
             a = 8 * blk + j
             sc, m = scale_min_k4(row, o + 4, j)
-            q = band(bshr(bload(row, o + qs_at + 32 * (j // 2)), 4 * (j % 2)), 15)
+            q = bfield(bload(row, o + qs_at + 32 * (j // 2)), 4 * (j % 2), 15)
             if has_qh:
-                q = bor(q, bshl(band(bshr(bload(row, o + 16), j), 1), 4))
-            acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * a)), d * sc * xd[a], acc)
-            corr += dmin * m * xd[a] * np.float32(xs[2 * a] + xs[2 * a + 1])
+                q = bor(q, bshl(bfield(bload(row, o + 16), j, 1), 4))
+            acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * a)), d * F32(sc) * xd[a], acc)
+            corr += dmin * F32(m) * xd[a] * F32(xs[2 * a] + xs[2 * a + 1])
     return f8sum(acc) - corr
 
 
@@ -170,18 +176,19 @@ def vdot_q5_k(row, xq, xd, xs):
 @inline
 def vdot_q6_k(row, xq, xd, xs):
     acc = f8zero()
-    corr = np.float32(0)
+    corr = F32(0)
     for blk in range(xq.shape[0] // 256):
         o = blk * 210
         d = half_at(row, o + 208)
         for j in range(8):
             a = 8 * blk + j
             h, k = j // 4, j % 4
-            lo = band(bshr(bload(row, o + 64 * h + 32 * (k % 2)), 4 * (k // 2)), 15)
-            hi = bshl(band(bshr(bload(row, o + 128 + 32 * h), 2 * k), 3), 4)
+            lo = bfield(bload(row, o + 64 * h + 32 * (k % 2)), 4 * (k // 2), 15)
+            hi = bshl(bfield(bload(row, o + 128 + 32 * h), 2 * k, 3), 4)
             sa = (row[o + 192 + 2 * j] ^ 0x80) - 0x80
             sb = (row[o + 193 + 2 * j] ^ 0x80) - 0x80
             p = idot(izero8(), bor(lo, hi), bload(xq, 32 * a))
-            acc = f8fma_i2(p, d * xd[a] * sa, d * xd[a] * sb, acc)
-            corr += d * xd[a] * np.float32(sa * xs[2 * a] + sb * xs[2 * a + 1])
-    return f8sum(acc) - np.float32(32) * corr
+            dx = d * xd[a]
+            acc = f8fma_i2(p, dx * F32(sa), dx * F32(sb), acc)
+            corr += dx * F32(sa * xs[2 * a] + sb * xs[2 * a + 1])
+    return f8sum(acc) - F32(32) * corr

@@ -138,8 +138,34 @@ def _binary_b(op):
 band = _binary_b("and_")
 bor = _binary_b("or_")
 bxor = _binary_b("xor")
-bshr = _binary_b("lshr")
-bshl = _binary_b("shl")
+
+
+def _shift_words(builder, v, count, context, ty, op):
+    """Shift the 8 int32 words of a b32 by one count (one instruction even when count varies)."""
+    n = builder.trunc(context.cast(builder, count, ty, types.int64), _I32)
+    words = getattr(builder, op)(builder.bitcast(v, _VI), _splat(builder, n, _VI))
+    return builder.bitcast(words, _VB)
+
+
+@intrinsic
+def bfield(typingctx, v, shift, mask):
+    """(byte >> shift) & mask in every lane, for fields that stay inside their byte (shift + width <= 8)."""
+
+    def cg(context, builder, sig, args):
+        moved = _shift_words(builder, args[0], args[1], context, sig.args[1], "lshr")
+        return builder.and_(moved, _splat(builder, _byte(context, builder, args[2], sig.args[2]), _VB))
+
+    return b32(v, shift, mask), cg
+
+
+@intrinsic
+def bshl(typingctx, v, shift):
+    """byte << shift in every lane, for values below 2**(8 - shift) (nothing crosses into the next byte)."""
+
+    def cg(context, builder, sig, args):
+        return _shift_words(builder, args[0], args[1], context, sig.args[1], "shl")
+
+    return b32(v, shift), cg
 
 
 # --- int32 x 8 and the dot product ----------------------------------------------------------------------------
