@@ -123,12 +123,14 @@ def quantize(
     """Quantize the checkpoint in `hf_dir` with `method` into the GGUF file `output`; returns its path.
     `opts` are the command's options by their long names (bits, group, asym, act_order, alpha, ...)."""
     from .ptq import driver
-    from .ptq.calib import CalibConfig
+    from .ptq.calib import CalibConfig, check_text
     from .ptq.export import export
 
     hf_dir = Path(hf_dir)
     m, fmt, embed, meta = build_method(method, opts)
     calib = calib or CalibConfig()
+    if m.needs_calibration:
+        check_text(calib.text)
     result = driver.run(hf_dir, m, calib, progress=progress)
     if m.needs_calibration:
         meta.update(calib.metadata())

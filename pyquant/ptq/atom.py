@@ -25,7 +25,6 @@ from .runtime import W4A4, GroupInt
 
 class AtomMethod:
     name = "atom"
-    needs_calibration = True
 
     def __init__(
         self,
@@ -39,6 +38,7 @@ class AtomMethod:
     ):
         self.n_outliers, self.group, self.w_clip, self.a_clip = n_outliers, group, w_clip, a_clip
         self.use_gptq, self.reorder, self.damp = use_gptq, reorder, damp
+        self.needs_calibration = use_gptq or reorder
 
     def segments(self, n_in: int):
         n_normal = n_in - self.n_outliers

@@ -10,6 +10,7 @@ and 128 x 512 on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,17 @@ class CalibConfig:
         }
 
 
-def read_text(path: Path) -> str:
+def check_text(path: Path) -> Path:
     path = Path(path)
     if path.name == "test.txt" and path.parent.name.startswith("wikitext"):
         raise PyquantError(f"{path}: the WikiText test split is the evaluation set; calibrate on valid.txt")
+    if not path.is_file():
+        raise PyquantError(f"{path}: calibration text not found")
+    return path
+
+
+def read_text(path: Path) -> str:
+    path = check_text(path)
     try:
         return path.read_text(encoding="utf-8")
     except OSError as e:
@@ -48,14 +56,20 @@ def read_text(path: Path) -> str:
         raise PyquantError(f"{path}: calibration text is not UTF-8") from None
 
 
-def calibration_tokens(hf_dir: Path, cfg: CalibConfig) -> np.ndarray:
-    """int64 (n_samples, seq_len) windows of the tokenized text."""
+@lru_cache(maxsize=4)
+def _token_ids(hf_dir: str, text: str, stamp: float) -> np.ndarray:
     from transformers import AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    return np.asarray(tok(read_text(Path(text)), add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def calibration_tokens(hf_dir: Path, cfg: CalibConfig) -> np.ndarray:
+    """int64 (n_samples, seq_len) windows of the tokenized text."""
     if cfg.n_samples < 1 or cfg.seq_len < 2:
         raise PyquantError(f"need at least 1 sample of 2 tokens, got {cfg.n_samples} x {cfg.seq_len}")
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    ids = np.asarray(tok(read_text(cfg.text), add_special_tokens=False)["input_ids"], dtype=np.int64)
+    text = check_text(cfg.text)
+    ids = _token_ids(str(hf_dir), str(text), text.stat().st_mtime)
     if len(ids) <= cfg.seq_len:
         raise PyquantError(f"{cfg.text}: {len(ids)} tokens, fewer than one window of {cfg.seq_len}")
     rng = np.random.default_rng(cfg.seed)
