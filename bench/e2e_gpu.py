@@ -131,7 +131,8 @@ def kernel_resources() -> dict:
     for table in (matvec._GEMV, attention._ATTEND):
         for key, k in table.items():
             try:
-                out[str(key)] = [k.get_regs_per_thread(), k.get_local_mem_per_thread()]
+                regs, local = k.get_regs_per_thread(), k.get_local_mem_per_thread()
+                out[str(key)] = [max(regs.values()), max(local.values())] if isinstance(regs, dict) else [regs, local]
             except Exception as e:  # not compiled, or an older numba-cuda
                 out[str(key)] = str(e)[:80]
     return out
@@ -254,7 +255,8 @@ def table(results: dict) -> str:
         if isinstance(c, dict) and "tg_tok_s" in c:
             lines.append(f"{name:8} cuda decode roofline: {r['weight_mb_per_token']:.0f} MB/token x "
                          f"{c['tg_tok_s']:.0f} tok/s = {r['roofline_fraction'] * 100:.1f}% of "
-                         f"{results['hbm_tb_s']:.2f} TB/s; {c.get('kernels_per_token')} kernels/token")
+                         f"{results['hbm_tb_s']:.2f} TB/s; {c.get('kernels_per_token')} kernels/token; per token: "
+                         f"host {c.get('host_ms_per_token', 0):.2f} ms, graph replay {c.get('graph_ms_per_token', 0):.2f} ms")
             if isinstance(t, dict):
                 lines.append(f"{name:8} cuda / transformers: pp {c['pp_tok_s'] / t['pp_tok_s']:.2f}x, "
                              f"tg {c['tg_tok_s'] / t['tg_tok_s']:.2f}x")
