@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from numba import cuda, float32, int32
 
 from .jit import SIM, device, kernel

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Tensor:
     """A float32 activation on the device: a flat buffer and a shape (numpy order)."""
 
-    __slots__ = ("buf", "shape", "pending", "__weakref__")
+    __slots__ = ("__weakref__", "buf", "pending", "shape")
 
     def __init__(self, buf, shape, pending=None):
         self.buf = buf
@@ -48,7 +48,7 @@ class Tensor:
     def dtype(self):
         return np.dtype(np.float32)
 
-    def reshape(self, *shape) -> "Tensor":
+    def reshape(self, *shape) -> Tensor:
         if len(shape) == 1 and isinstance(shape[0], tuple):
             shape = shape[0]
         shape = list(shape)
@@ -60,7 +60,7 @@ class Tensor:
             raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
         return Tensor(self.buf, shape, self.pending)
 
-    def __getitem__(self, key) -> "Tensor":
+    def __getitem__(self, key) -> Tensor:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("device tensors take a plain slice over their first axis")
         start, stop, _ = key.indices(self.shape[0])
@@ -183,10 +183,7 @@ class LaunchQueue:
         if not items:
             return
         self.params_dev.copy_to_device(self.params_host, stream=self.stream)
-        if self.graphs and self.graph is not None and items == self.graph_sig:
-            self.graph.launch(self.core_stream)
-            self.n_graph_launches += 1
-        elif self.graphs and items == self.last_sig and self._capture(items):
+        if self.graphs and self.graph is not None and items == self.graph_sig or self.graphs and items == self.last_sig and self._capture(items):
             self.graph.launch(self.core_stream)
             self.n_graph_launches += 1
         else:

@@ -16,19 +16,19 @@ if "numba.cuda" not in sys.modules and "NUMBA_ENABLE_CUDASIM" not in os.environ:
     if not shutil.which("nvidia-smi"):
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-from pyquant.backend import NumpyBackend  # noqa: E402
-from pyquant.gguf import GGUFFile, TensorInfo  # noqa: E402
-from pyquant.quants import dequantize, quantize  # noqa: E402
+from pyquant.backend import NumpyBackend
+from pyquant.gguf import GGUFFile, TensorInfo
+from pyquant.quants import dequantize, quantize
 
 pytestmark = pytest.mark.cuda
 
-from kernels_cuda import gemm_int8 as g8  # noqa: E402
-from kernels_cuda.backend import CudaBackend, CudaWeight  # noqa: E402
-from kernels_cuda.jit import SIM  # noqa: E402
-from kernels_cuda.quants import int8_codes  # noqa: E402
+from kernels_cuda import gemm_int8 as g8
+from kernels_cuda.backend import CudaBackend
+from kernels_cuda.jit import SIM
+from kernels_cuda.quants import int8_codes
 
 GEMV_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "f32", "f16"]
 
