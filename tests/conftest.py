@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+
+# Without a GPU, CUDA kernels run in Numba's simulator. The variable is read when numba.cuda is first
+# imported, which another test module may do before tests/test_kernels_cuda.py is collected: set it here.
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not shutil.which("nvidia-smi"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 import subprocess
 import sys
 from functools import cache
