@@ -2,8 +2,8 @@
 
 `quantize_act` makes the int8 activations of the quantized matvec kernels, as llama.cpp's x86 code makes
 its Q8_0 activation blocks (pyquant.quants.q8_0.quantize_blocks_x86): per block of 32, d = f16(max|x| / 127)
-and q = rint(x * (127 / max|x|)), halves to even; the codes, d and the sums of each 16 codes are kept in
-separate arrays. `quantize_rows` writes KV-cache rows as GGUF bytes (quantize_row_q8_0_ref,
+and q = rint(x * (127 / max|x|)), halves to even; the codes, d and the values of each 16 (d * sum q) are
+kept in separate arrays. `quantize_rows` writes KV-cache rows as GGUF bytes (quantize_row_q8_0_ref,
 quantize_row_q4_0_ref and the f16 cast of ggml-quants.c):
 
     # Q8_0: 32 values in 34 bytes = d:2 qs:32   d = max|x| / 127, q = roundf(x / d)
@@ -26,7 +26,7 @@ F32 = np.float32
 
 @exact
 def quantize_act(xq, xd, xs, x):
-    """x (T, K) float32 -> codes xq (T, K) int8, scales xd (T, K/32) float32, code sums xs (T, K/16) int32."""
+    """x (T, K) float32 -> codes xq (T, K) int8, scales xd (T, K/32), d * (sum of each 16 codes) xs (T, K/16)."""
     for t in range(x.shape[0]):
         xt, qt = x[t], xq[t]
         for b in range(x.shape[1] // 32):
@@ -34,13 +34,14 @@ def quantize_act(xq, xd, xs, x):
             v1 = fload(xt, 32 * b + 16)
             amax = max(fhmax(fabs(v0)), fhmax(fabs(v1)))
             inv = F32(127) / amax if amax != 0 else F32(0)
-            xd[t, b] = from_half(to_half(amax / F32(127)))
+            d = from_half(to_half(amax / F32(127)))
+            xd[t, b] = d
             r0 = frint(fmul(v0, fsplat(inv)))
             r1 = frint(fmul(v1, fsplat(inv)))
             fstore_i8(qt, 32 * b, r0)
             fstore_i8(qt, 32 * b + 16, r1)
-            xs[t, 2 * b] = np.int32(fsum(r0))
-            xs[t, 2 * b + 1] = np.int32(fsum(r1))
+            xs[t, 2 * b] = d * fsum(r0)
+            xs[t, 2 * b + 1] = d * fsum(r1)
 
 
 @exact

@@ -1,10 +1,14 @@
 """Attention over a KV cache kept in block bytes (f32, f16, q8_0 or q4_0 rows), with GQA, causal and
-sliding-window masks, in one pass per query (online softmax, FlashAttention's recurrence).
+sliding-window masks, in one pass over the keys (online softmax, FlashAttention's recurrence).
 
 Cache rows are (position, kv head) -> row_bytes: the same GGUF block layout as the weights, so the weight
 decoders (`dq16`) read keys and values straight from the cache and nothing is dequantized as a whole.
-Scores are made 16 keys at a time: one vector max, one vector exp per tile, and the running output is
-rescaled once per tile. A prefill of T tokens never holds more than 16 scores per query at once.
+
+Work is split by kv head and by tiles of 16 queries. For each tile of 16 keys, the keys are decoded once
+into a transposed float32 tile (Dk, 16) and the values into (16, Dv); then every query of the tile times
+every query head of the GQA group (up to 16 x group rows) makes its 16 scores as one vector (Dk broadcast
+FMAs, no horizontal sums), masks them, and updates its running max, sum and output (rescaled once per key
+tile). A prefill of T tokens never holds more than 16 scores per query at once.
 
 Shapes: q (T, H, Dh) float32, cache (n_ctx, G, row_bytes) uint8, out (T, H, Dv) float32; H = G * group.
 """
@@ -16,58 +20,99 @@ from numba import literally, prange
 
 from .formats import F16, F32, Q4_0, Q8_0, dq16
 from .jit import fast, inline, parallel
-from .linear import _row_dot
-from .simd import fexp, ffma, fhmax, fload, fmul, fsplat, fstore, fsub, fsum
+from .simd import fadd, fexp, ffma, fhmax, fload, fmul, fsplat, fstore, fsub, fsum, fzero
 
-TILE_S = 16  # keys per score tile
+TILE_S = 16  # keys per tile
+TILE_Q = 16  # query positions per work item
+
+F32_ = np.float32
+
+
+@inline
+def _decode_tiles(kt, vt, kc, vc, g, s0, ns, dk, dv, tmp, fmt):
+    """Keys s0..s0+ns of kv head g into kt (Dk, 16) transposed, values into vt (16, Dv); zeros past ns."""
+    for j in range(TILE_S):
+        if j < ns:
+            krow, vrow = kc[s0 + j, g], vc[s0 + j, g]
+            for blk in range(dk // 32):
+                for gg in range(2):
+                    fstore(tmp, 0, dq16(fmt, krow, blk, gg))
+                    d0 = blk * 32 + 16 * gg
+                    for i in range(16):
+                        kt[d0 + i, j] = tmp[i]
+            for blk in range(dv // 32):
+                for gg in range(2):
+                    fstore(vt[j], blk * 32 + 16 * gg, dq16(fmt, vrow, blk, gg))
+        else:
+            kt[:, j] = 0
+            vt[j, :] = 0
+
+
+@inline
+def _scores(qi, kt, dk):
+    """16 scores of one (pre-scaled) query row against the transposed key tile."""
+    a0 = fzero()
+    a1 = fzero()
+    for d in range(0, dk, 2):
+        a0 = ffma(fsplat(qi[d]), fload(kt[d], 0), a0)
+        a1 = ffma(fsplat(qi[d + 1]), fload(kt[d + 1], 0), a1)
+    return fadd(a0, a1)
 
 
 @parallel
 def _attend(out, q, kc, vc, pos0, scale, window, fmt):
     literally(fmt)
     t_all, n_head, dk = q.shape
-    group = n_head // kc.shape[1]
+    n_kv = kc.shape[1]
+    group = n_head // n_kv
     dv = out.shape[2]
-    for u in prange(t_all * n_head):
-        t, h = u // n_head, u % n_head
-        g = h // group
-        p = pos0 + t
-        lo = max(0, p - window + 1) if window > 0 else 0
-        hi = p + 1
-        qv, o = q[t, h], out[t, h]
-        o[:] = 0
-        tile = np.empty(TILE_S, np.float32)
-        m = -np.inf
-        denom = np.float32(0)
-        for s0 in range(lo, hi, TILE_S):
-            n = min(TILE_S, hi - s0)
-            for j in range(TILE_S):
-                tile[j] = _row_dot(kc[s0 + j, g], qv, dk // 32, 32, fmt) * scale if j < n else -np.inf
-            sv = fload(tile, 0)
-            m_new = max(m, fhmax(sv))
-            pv = fexp(fsub(sv, fsplat(m_new)))
-            corr = np.float32(np.exp(m - m_new))
-            denom = denom * corr + fsum(pv)
-            m = m_new
-            fstore(tile, 0, pv)
-            if corr != 1:
-                for i in range(0, dv, 16):
-                    fstore(o, i, fmul(fload(o, i), fsplat(corr)))
-            for j in range(n):
-                _add_scaled_row(o, vc[s0 + j, g], tile[j], dv, fmt)
-        inv = np.float32(1) / denom
-        for i in range(0, dv, 16):
-            fstore(o, i, fmul(fload(o, i), fsplat(inv)))
-
-
-@inline
-def _add_scaled_row(o, row, p, dv, fmt):
-    """o += p * (decoded cache row of dv values)."""
-    ps = fsplat(p)
-    for blk in range(dv // 32):
-        for g in range(2):
-            i = blk * 32 + 16 * g
-            fstore(o, i, ffma(dq16(fmt, row, blk, g), ps, fload(o, i)))
+    n_qt = (t_all + TILE_Q - 1) // TILE_Q
+    for u in prange(n_kv * n_qt):
+        g, t0 = u // n_qt, (u % n_qt) * TILE_Q
+        nt = min(TILE_Q, t_all - t0)
+        nq = nt * group  # rows: (query position, head of the group)
+        qs = np.empty((nq, dk), F32_)
+        for i in range(nq):
+            qs[i] = q[t0 + i // group, g * group + i % group] * scale
+        acc = np.zeros((nq, dv), F32_)
+        run_max = np.full(nq, -np.inf, F32_)
+        run_sum = np.zeros(nq, F32_)
+        kt = np.empty((dk, TILE_S), F32_)
+        vt = np.empty((TILE_S, dv), F32_)
+        tmp = np.empty(TILE_S, F32_)
+        first, last = pos0 + t0, pos0 + t0 + nt - 1
+        s_begin = max(0, first - window + 1) if window > 0 else 0
+        for s0 in range(s_begin, last + 1, TILE_S):
+            _decode_tiles(kt, vt, kc, vc, g, s0, min(TILE_S, last + 1 - s0), dk, dv, tmp, fmt)
+            for i in range(nq):
+                p = first + i // group
+                lo = max(0, p - window + 1) if window > 0 else 0
+                if s0 > p or s0 + TILE_S <= lo:
+                    continue
+                sv = _scores(qs[i], kt, dk)
+                if s0 < lo or s0 + TILE_S > p + 1:  # mask keys outside [lo, p]
+                    fstore(tmp, 0, sv)
+                    for j in range(TILE_S):
+                        if s0 + j < lo or s0 + j > p:
+                            tmp[j] = -np.inf
+                    sv = fload(tmp, 0)
+                m_new = max(run_max[i], fhmax(sv))
+                pv = fexp(fsub(sv, fsplat(m_new)))
+                corr = F32_(np.exp(run_max[i] - m_new))
+                run_max[i] = m_new
+                run_sum[i] = run_sum[i] * corr + fsum(pv)
+                fstore(tmp, 0, pv)
+                ai = acc[i]
+                for c in range(0, dv, 16):
+                    o = fmul(fload(ai, c), fsplat(corr))
+                    for j in range(TILE_S):
+                        o = ffma(fload(vt[j], c), fsplat(tmp[j]), o)
+                    fstore(ai, c, o)
+        for i in range(nq):
+            o = out[t0 + i // group, g * group + i % group]
+            inv = F32_(1) / run_sum[i]
+            for c in range(0, dv, 16):
+                fstore(o, c, fmul(fload(acc[i], c), fsplat(inv)))
 
 
 @fast

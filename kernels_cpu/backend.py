@@ -120,7 +120,7 @@ class CpuBackend:
         act = (
             np.empty((t, k), np.int8),
             np.empty((t, k // 32), np.float32),
-            np.empty((t, k // 16), np.int32),
+            np.empty((t, k // 16), np.float32),
         )
         act_quant.quantize_act(*act, _f32(x))
         self._act = (x, act)

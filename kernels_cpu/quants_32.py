@@ -120,7 +120,7 @@ def _vdot_blocks(row, xq, xd, xs, size, qs_at, qh_at, offset, has_min, is_q8):
             q = bnib(row, o + qs_at)
         d = half_at(row, o)
         acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * b)), d * xd[b], acc)
-        sx = xd[b] * np.float32(xs[2 * b] + xs[2 * b + 1])
+        sx = xs[2 * b] + xs[2 * b + 1]
         corr += (half_at(row, o + 2) - offset * d) * sx if has_min else -offset * d * sx
     return f8sum(acc) + corr
 

@@ -115,7 +115,7 @@ def vdot_q2_k(row, xq, xd, xs):
             p = idot(izero8(), _crumbs32(row, o + 16, j), bload(xq, 32 * a))
             dx = d * xd[a]
             acc = f8fma_i2(p, dx * F32(sa & 15), dx * F32(sb & 15), acc)
-            corr += dmin * xd[a] * F32((sa >> 4) * xs[2 * a] + (sb >> 4) * xs[2 * a + 1])
+            corr += dmin * (F32(sa >> 4) * xs[2 * a] + F32(sb >> 4) * xs[2 * a + 1])
     return f8sum(acc) - corr
 
 
@@ -140,7 +140,7 @@ def vdot_q3_k(row, xq, xd, xs):
             p = idot(izero8(), q, bload(xq, 32 * a))
             dx = d * xd[a]
             acc = f8fma_i2(p, dx * F32(sa - 32), dx * F32(sb - 32), acc)
-            corr += dx * F32((sa - 32) * xs[2 * a] + (sb - 32) * xs[2 * a + 1])
+            corr += d * (F32(sa - 32) * xs[2 * a] + F32(sb - 32) * xs[2 * a + 1])
     return f8sum(acc) - F32(4) * corr
 
 
@@ -159,7 +159,7 @@ def _vdot_k4(row, xq, xd, xs, size, qs_at, has_qh):
             if has_qh:
                 q = bor(q, bshl(bfield(bload(row, o + 16), j, 1), 4))
             acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * a)), d * F32(sc) * xd[a], acc)
-            corr += dmin * F32(m) * xd[a] * F32(xs[2 * a] + xs[2 * a + 1])
+            corr += dmin * F32(m) * (xs[2 * a] + xs[2 * a + 1])
     return f8sum(acc) - corr
 
 
@@ -190,5 +190,5 @@ def vdot_q6_k(row, xq, xd, xs):
             p = idot(izero8(), bor(lo, hi), bload(xq, 32 * a))
             dx = d * xd[a]
             acc = f8fma_i2(p, dx * F32(sa), dx * F32(sb), acc)
-            corr += dx * F32(sa * xs[2 * a] + sb * xs[2 * a + 1])
+            corr += d * (F32(sa) * xs[2 * a] + F32(sb) * xs[2 * a + 1])
     return f8sum(acc) - F32(32) * corr

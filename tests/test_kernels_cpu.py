@@ -101,7 +101,7 @@ def check_linear(y, x, w):
 def int8_activations(x):
     """act_quant.quantize_act's three arrays, and the float32 values they stand for."""
     t, k = x.shape
-    act = (np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.int32))
+    act = (np.empty((t, k), np.int8), np.empty((t, k // 32), np.float32), np.empty((t, k // 16), np.float32))
     act_quant.quantize_act(*act, x)
     return act, (act[0].reshape(t, -1, 32) * act[1][:, :, None]).reshape(t, k)
 
@@ -115,7 +115,8 @@ def test_quantize_act_bit_exact():
     ref = Q.q8_0.quantize_blocks_x86(x.reshape(-1, 32))
     assert np.array_equal(xq.reshape(-1, 32), ref[:, 2:].view(np.int8))
     assert np.array_equal(xd.reshape(-1), ref[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1))
-    assert np.array_equal(xs, xq.reshape(9, -1, 16).astype(np.int32).sum(-1))
+    sums = xq.reshape(9, -1, 16).astype(np.int32).sum(-1).astype(np.float32)
+    assert np.array_equal(xs, sums * np.repeat(xd, 2, axis=1))
 
 
 @pytest.mark.parametrize("type", ALL)
