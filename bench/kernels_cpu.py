@@ -19,10 +19,10 @@ attention (prefill and decode over an f16 cache):
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import os
 import sys
 import time
+from functools import partial
 
 # this script shares its name with the package it measures: keep bench/ off the import path
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -170,7 +170,7 @@ def bench_matmul(reps):
         y = np.empty((t_len, n), np.float32)
         variants = {
             1: specialized(_matvec_float, y, w, x, FORMATS[type].code),
-            2: lambda: linear.MATMUL[type](y, w, x),
+            2: partial(linear.MATMUL[type], y, w, x),
         }
         for v, fn in variants.items():
             fn()
@@ -201,7 +201,7 @@ def bench_attention(reps):
         attention.ATTEND["f16"](ref, q, kc, vc, pos0, scale, 0)
         variants = {
             1: specialized(_attend_rowwise, out, q, kc, vc, pos0, scale, 0, 1),
-            2: lambda: attention.ATTEND["f16"](out, q, kc, vc, pos0, scale, 0),
+            2: partial(attention.ATTEND["f16"], out, q, kc, vc, pos0, scale, 0),
         }
         for v, fn in variants.items():
             fn()
