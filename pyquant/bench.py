@@ -164,16 +164,16 @@ def bench(
     for n in threads:
         row = {"threads": n}
         for side in sides:
-            spec = dict(
-                side=side,
-                model=model,
-                threads=n,
-                n_prompt=n_prompt,
-                n_gen=n_gen,
-                reps=reps,
-                backend=backend,
-                cache_type=cache_type,
-            )
+            spec = {
+                "side": side,
+                "model": model,
+                "threads": n,
+                "n_prompt": n_prompt,
+                "n_gen": n_gen,
+                "reps": reps,
+                "backend": backend,
+                "cache_type": cache_type,
+            }
             row[side] = run_child(spec)
             if log:
                 log(
@@ -197,8 +197,8 @@ def table(result: dict) -> str:
     """Markdown table: tok/s of both sides, ratios, peak RSS against the target."""
     pp, tg = f"pp{result['n_prompt']}", f"tg{result['n_gen']}"
     lines = [
-        f"{os.path.basename(result['model'])} ({result['file_bytes'] / 2**20:.0f} MB, "
-        f"KV {result['cache_type']}, medians of {result['reps']})",
+        f"{os.path.basename(result['model'])} ({result['file_bytes'] / 2**20:.0f} MB, KV {result['cache_type']}, "
+        + f"medians of {result['reps']})",
         "",
         "| threads | test | pyquant tok/s | llama.cpp tok/s | ratio |",
         "|---|---|---|---|---|",
