@@ -27,6 +27,15 @@ from .launch import Arena, LaunchQueue, Tensor
 from .quants import gpu_format, int8_codes, repack
 
 _MODES = {None: mv.PLAIN, "rms": mv.RMS, "swiglu": mv.SWIGLU, "geglu": mv.GEGLU}
+_F0, _F1 = np.float32(0.0), np.float32(1.0)
+
+
+def _f32(x: float, _cache: dict = {}) -> np.float32:  # noqa: B006 (a cache by design)
+    """np.float32(x), one object per value: a replayed step's arguments then compare by identity."""
+    v = _cache.get(x)
+    if v is None:
+        v = _cache[x] = np.float32(x)
+    return v
 
 
 class CudaWeight:
@@ -84,10 +93,9 @@ class CudaBackend:
 
     # --- plumbing ------------------------------------------------------------------------------------
     def _out(self, shape) -> Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        return Tensor(self.arena.alloc(n), shape)
+        y = Tensor(None, shape)
+        y.buf = self.arena.alloc(y.size)
+        return y
 
     def _ready(self, x: Tensor) -> Tensor:
         """x with its buffer computed (a pending fused producer is launched on its own)."""
@@ -98,7 +106,7 @@ class CudaBackend:
             _, src, w, eps = p
             src = self._ready(src)
             d = src.shape[-1]
-            self.queue.add(ops.rms_norm, src.size // d, 128, x.buf, src.buf, w.buf, np.float32(eps), d)
+            self.queue.add(ops.rms_norm, src.size // d, 128, x.buf, src.buf, w.buf, _f32(eps), d)
         else:
             kern = ops.swiglu if p[0] == "swiglu" else ops.geglu
             g, u = self._ready(p[1]), self._ready(p[2])
@@ -122,14 +130,15 @@ class CudaBackend:
         if not self.queue.items:
             self.arena.reset()  # a new forward pass: the last one's activations are done with
         ids = np.asarray(ids, np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= w.shape[0]):
+        lo, hi = (int(ids[0]), int(ids[0])) if len(ids) == 1 else (ids.min(), ids.max()) if len(ids) else (0, 0)
+        if lo < 0 or hi >= w.shape[0]:
             raise PyquantError(f"token id out of range [0, {w.shape[0]})")
-        at = self.queue.put_ids(ids.astype(np.int32))
+        at = self.queue.put_ids(ids)
         t, k = len(ids), w.shape[1]
         y = self._out((t, k))
         if t:
             self.queue.add(mv.get_rows_kernel(w.type), *mv.rows_grid(t, k), y.buf, w.q, w.d,
-                           self.queue.params_dev, at, np.float32(1.0), k)
+                           self.queue.params_dev, at, _F1, k)
         return y
 
     def linear(self, x: Tensor, w: CudaWeight, bias: Tensor | None = None) -> Tensor:
@@ -146,11 +155,11 @@ class CudaBackend:
             p = x.pending
             mode = _MODES[p[0] if p else None]
             if mode == mv.RMS and p[1].shape[-1] == k and p[1].pending is None:
-                src, x2, nw, eps = p[1], self._dummy, p[2].buf, np.float32(p[3])
+                src, x2, nw, eps = p[1], self._dummy, p[2].buf, _f32(p[3])
             elif mode in (mv.SWIGLU, mv.GEGLU) and p[1].pending is None and p[2].pending is None:
-                src, x2, nw, eps = p[1], p[2].buf, self._dummy, np.float32(0)
+                src, x2, nw, eps = p[1], p[2].buf, self._dummy, _F0
             else:
-                mode, src, x2, nw, eps = mv.PLAIN, self._ready(x), self._dummy, self._dummy, np.float32(0)
+                mode, src, x2, nw, eps = mv.PLAIN, self._ready(x), self._dummy, self._dummy, _F0
             kern = mv.gemv_kernel(w.type, mode, t)
             self.queue.add(kern, *mv.gemv_grid(n), y.buf, y.buf, w.q, w.d, src.buf, x2, nw, eps, b,
                            self._dummy, flags, n, k)
@@ -226,7 +235,7 @@ class CudaBackend:
     def scale(self, x: Tensor, s: float) -> Tensor:
         x = self._ready(x)
         y = self._out(x.shape)
-        self.queue.add(ops.scale, *ops.grid1(y.size), y.buf, x.buf, np.float32(s), y.size)
+        self.queue.add(ops.scale, *ops.grid1(y.size), y.buf, x.buf, _f32(float(s)), y.size)
         return y
 
     def to_host(self, x) -> np.ndarray:
@@ -267,9 +276,9 @@ class CudaBackend:
         self.queue.add(store, *ops.grid1(t * g * dv // 32, 128), vc, vs, v.buf, pd, t, g * dv)
         y = self._out((t, n_head * dv))
         self.queue.add(att.attend_kernel(cache.kind), (n_head, t), att.THREADS, y.buf, q.buf, kc, ks, vc, vs, pd,
-                       np.float32(scale), int(window), n_head, g, dk, dv)
+                       _f32(float(scale)), int(window), n_head, g, dk, dv)
         return y
 
 
 def _is_gemv(kern) -> bool:
-    return kern in mv._GEMV.values()
+    return getattr(kern, "_pq_gemv", False)

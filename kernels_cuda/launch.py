@@ -26,23 +26,17 @@ log = logging.getLogger(__name__)
 class Tensor:
     """A float32 activation on the device: a flat buffer and a shape (numpy order)."""
 
-    __slots__ = ("__weakref__", "buf", "pending", "shape")
+    __slots__ = ("__weakref__", "buf", "pending", "shape", "size")
 
     def __init__(self, buf, shape, pending=None):
         self.buf = buf
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = shape = tuple(map(int, shape))
+        self.size = _prod(shape)
         self.pending = pending  # a fused producer not yet launched: ("rms", x, w, eps) | ("swiglu"/"geglu", g, u)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
 
     @property
     def dtype(self):
@@ -55,8 +49,8 @@ class Tensor:
         if -1 in shape:
             i = shape.index(-1)
             shape[i] = 1
-            shape[i] = self.size // int(np.prod(shape))
-        if int(np.prod(shape)) != self.size:
+            shape[i] = self.size // _prod(shape)
+        if _prod(shape) != self.size:
             raise ValueError(f"cannot reshape {self.shape} to {tuple(shape)}")
         return Tensor(self.buf, shape, self.pending)
 
@@ -78,6 +72,13 @@ class Tensor:
         return f"Tensor(shape={self.shape}, device)"
 
 
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 class Arena:
     """Bump allocator for activations; `reset` starts over and, when the last pass outgrew the buffer,
     replaces it by one large enough. The same (offset, size) gives the same buffer object back."""
@@ -91,19 +92,23 @@ class Arena:
         self.views: dict = {}
 
     def alloc(self, n: int, dtype=np.float32):
-        n_f = -(-max(n, 1) * np.dtype(dtype).itemsize // 4)
         start = self.top
-        self.top += -(-n_f // self.ALIGN) * self.ALIGN
-        self.high = max(self.high, self.top)
-        if self.top > self.buf.size:  # over: a buffer of its own until the next reset grows the arena
+        key = (start, n, dtype)
+        hit = self.views.get(key)  # the common case: the same allocation as in the last pass
+        if hit is not None:
+            view, self.top = hit
+            self.high = max(self.high, self.top)
+            return view
+        n_f = -(-max(n, 1) * np.dtype(dtype).itemsize // 4)
+        top = start + -(-n_f // self.ALIGN) * self.ALIGN
+        self.top = top
+        self.high = max(self.high, top)
+        if top > self.buf.size:  # over: a buffer of its own until the next reset grows the arena
             return cuda.device_array(n, dtype)
-        key = (start, n, np.dtype(dtype).char)
-        view = self.views.get(key)
-        if view is None:
-            view = self.buf[start : start + n_f]
-            if np.dtype(dtype) != np.float32:
-                view = view.view(dtype)[:n]
-            self.views[key] = view
+        view = self.buf[start : start + n_f]
+        if np.dtype(dtype) != np.float32:
+            view = view.view(dtype)[:n]
+        self.views[key] = (view, top)
         return view
 
     def reset(self):
