@@ -18,7 +18,10 @@ from .formats import FORMATS
 from .jit import set_threads
 
 CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
-MATMUL_MIN_TOKENS = 2  # from this many tokens on, decode 32 rows into a panel and reuse it (matmul)
+# From this many tokens on, linears decode 32-row float32 panels once and reuse them (matmul); below, each
+# row's int8 dot products run per token while its bytes sit in L1 (matvec). Measured crossover on qwen's
+# weights, 1 thread: 8 (q6_k) to 16 (q5_0) tokens.
+MATMUL_MIN_TOKENS = 10
 
 
 class PackedWeight:
