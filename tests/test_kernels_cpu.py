@@ -22,7 +22,7 @@ import pytest
 
 import pyquant.quants as Q
 from kernels_cpu import act_quant, attention, linear, ops
-from kernels_cpu.backend import CpuBackend, PackedWeight
+from kernels_cpu.backend import MATMUL_MIN_TOKENS, CpuBackend, PackedWeight
 from kernels_cpu.formats import FORMATS
 from pyquant.backend import NumpyBackend, attention_mask, rope_cos_sin
 
@@ -156,7 +156,7 @@ def test_backend_linear_picks_kernel_and_adds_bias():
     for t in (1, 2, 17):
         x = rng.standard_normal((t, 640)).astype(np.float32)
         y = be.linear(x, pw, bias) - bias
-        check_linear(y, int8_activations(x)[1] if t == 1 else x, oracle(p, "q5_0", (40, 640)))
+        check_linear(y, int8_activations(x)[1] if t < MATMUL_MIN_TOKENS else x, oracle(p, "q5_0", (40, 640)))
 
 
 def test_packed_weight_rejects_unsupported():
@@ -288,11 +288,14 @@ def test_backend_attention_fills_cache():
 
 
 # --- real models: the whole forward pass ------------------------------------------------------------------------
-PROMPTS = {
-    "qwen": [[9707, 11, 1879, 374, 264, 1273, 13, 576], [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]],
+PROMPTS = {  # token ids; at least MATMUL_MIN_TOKENS of them, so that the prefill takes the float32 panels
+    "qwen": [
+        [9707, 11, 1879, 374, 264, 1273, 13, 576, 1273, 686, 1744, 421, 279, 6077],
+        [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30, 151645, 198, 151644, 77091, 198],
+    ],
     "gemma": [
-        [2, 9259, 236764, 1902, 563, 496, 1594, 236761],
-        [2, 2094, 21826, 236779, 236771, 236769, 236749],
+        [2, 9259, 236764, 1902, 563, 496, 1594, 236761, 1174, 1594, 795, 2426, 768, 506],
+        [2, 2094, 21826, 236779, 236771, 236769, 236749, 1902, 563, 496, 2429, 236761],
     ],
 }
 
