@@ -8,8 +8,8 @@ Input modes fuse the op that produced the activation into the product, so decode
     RMS     in(x) = x * rsqrt(mean(x^2) + eps) * nw      (RMSNorm, computed per block from x)
     SWIGLU  in(x) = silu(x) * x2                          (gate, up)
     GEGLU   in(x) = gelu_tanh(x) * x2
-GEMV layout: a warp per output row; lane l takes groups of 8 values l, l + 32, ... of the row, decodes them
-once and dots them with every token's activations; then a warp reduction. Activations are flat float32.
+GEMV layout: a warp per output row; lane l takes groups of 8 values l, l + 32, ... of the row, two a step,
+decodes them once and dots them with every token's activations; then a warp reduction. Activations are flat float32.
 """
 
 from __future__ import annotations
@@ -73,19 +73,25 @@ def _make_gemv(fmt, mode, nt):
         nn = min(n, N - 1)
         acc = cuda.local.array(nt, float32)
         v = cuda.local.array(8, float32)
+        v2 = cuda.local.array(8, float32)
         for t in range(nt):
             acc[t] = 0.0
-        for u in range(lane, (K // bv) * gpb, 32):
-            blk = u // gpb
-            g = u % gpb
-            dec8(q, d, nn, blk, g, v)
-            k0 = blk * bv + 8 * g
+        ng = (K // bv) * gpb
+        for u in range(lane, ng, 64):  # two groups a step, u and u + 32: their loads go out together
+            u2 = min(u + 32, ng - 1)  # past the end: a valid group, weighted 0
+            w2 = float32(1.0) if u + 32 < ng else float32(0.0)
+            dec8(q, d, nn, u // gpb, u % gpb, v)
+            dec8(q, d, nn, u2 // gpb, u2 % gpb, v2)
+            k0 = (u // gpb) * bv + 8 * (u % gpb)
+            k2 = (u2 // gpb) * bv + 8 * (u2 % gpb)
             for t in range(nt):
                 rs = rss[t] if mode == RMS else float32(1.0)
                 s = float32(0.0)
+                s2 = float32(0.0)
                 for i in range(8):
                     s += v[i] * _input(mode, x, x2, nw, rs, t, K, k0 + i)
-                acc[t] += s
+                    s2 += v2[i] * _input(mode, x, x2, nw, rs, t, K, k2 + i)
+                acc[t] += s + w2 * s2
         for t in range(nt):
             s = warp_sum(acc[t])
             if lane == 0 and n < N:

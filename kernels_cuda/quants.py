@@ -2,8 +2,9 @@
 and the int8 codes + scales that the tensor-core GEMM reads.
 
 Repacked layout (host side, numpy, once per weight): the float16 fields of every block (d, and m / dmin) are
-moved to a float32 array `d` (N, blocks * DB) and the remaining bytes kept in order in `q` (N, blocks * QB).
-Float rows (f32, f16, bf16) go to `d` as float32 values in blocks of 32. Byte maps of `q` per block:
+moved to a float32 array `d` (N, blocks * DB) and the remaining bytes kept in order in `q`, read as uint32 words
+(N, blocks * QB / 4): a decoder loads its 8 bytes as two words. Float rows (f32, f16, bf16) go to `d` as float32
+values in blocks of 32. Byte maps of `q` per block (every QB and every field offset is a multiple of 4):
 
     # Q4_0: 16 = qs:16                      x = d * (q - 8)            d:1
     # Q4_1: 16 = qs:16                      x = d * q + m              d:2 (d, m)
@@ -44,71 +45,82 @@ def dec8_f32(q, d, n, blk, g, v):
 
 
 @device
+def _nib(w0, w1, i, s, mask):
+    """Bits s.. of byte i (0..7) of the 8-byte run held in the words w0, w1 (little-endian), masked."""
+    return ((w0 if i < 4 else w1) >> (8 * (i % 4) + s)) & mask
+
+
+@device
+def _byte(q, n, o):
+    """Byte o of row n of the word array q."""
+    return (q[n, o // 4] >> (8 * (o % 4))) & 255
+
+
+@device
 def dec8_q4_0(q, d, n, blk, g, v):
-    o = blk * 16 + 8 * (g % 2)
+    o = (blk * 16 + 8 * (g % 2)) // 4
+    w0, w1 = q[n, o], q[n, o + 1]
     s = 4 * (g // 2)
     dd = d[n, blk]
     for i in range(8):
-        v[i] = dd * np.float32(np.int32((q[n, o + i] >> s) & 15) - 8)
+        v[i] = dd * np.float32(np.int32(_nib(w0, w1, i, s, 15)) - 8)
 
 
 @device
 def dec8_q4_1(q, d, n, blk, g, v):
-    o = blk * 16 + 8 * (g % 2)
+    o = (blk * 16 + 8 * (g % 2)) // 4
+    w0, w1 = q[n, o], q[n, o + 1]
     s = 4 * (g // 2)
     dd = d[n, 2 * blk]
     m = d[n, 2 * blk + 1]
     for i in range(8):
-        v[i] = dd * np.float32((q[n, o + i] >> s) & 15) + m
-
-
-@device
-def _qh32(q, n, o):
-    return np.uint32(q[n, o]) | (np.uint32(q[n, o + 1]) << 8) | (np.uint32(q[n, o + 2]) << 16) | (
-        np.uint32(q[n, o + 3]) << 24)
+        v[i] = dd * np.float32(_nib(w0, w1, i, s, 15)) + m
 
 
 @device
 def dec8_q5_0(q, d, n, blk, g, v):
-    o = blk * 20
-    qh = _qh32(q, n, o) >> (8 * g)
-    o2 = o + 4 + 8 * (g % 2)
+    o = blk * 5
+    qh = q[n, o] >> (8 * g)
+    o2 = o + 1 + 2 * (g % 2)
+    w0, w1 = q[n, o2], q[n, o2 + 1]
     s = 4 * (g // 2)
     dd = d[n, blk]
     for i in range(8):
-        c = ((q[n, o2 + i] >> s) & 15) | (((qh >> i) & 1) << 4)
+        c = _nib(w0, w1, i, s, 15) | (((qh >> i) & 1) << 4)
         v[i] = dd * np.float32(np.int32(c) - 16)
 
 
 @device
 def dec8_q5_1(q, d, n, blk, g, v):
-    o = blk * 20
-    qh = _qh32(q, n, o) >> (8 * g)
-    o2 = o + 4 + 8 * (g % 2)
+    o = blk * 5
+    qh = q[n, o] >> (8 * g)
+    o2 = o + 1 + 2 * (g % 2)
+    w0, w1 = q[n, o2], q[n, o2 + 1]
     s = 4 * (g // 2)
     dd = d[n, 2 * blk]
     m = d[n, 2 * blk + 1]
     for i in range(8):
-        c = ((q[n, o2 + i] >> s) & 15) | (((qh >> i) & 1) << 4)
+        c = _nib(w0, w1, i, s, 15) | (((qh >> i) & 1) << 4)
         v[i] = dd * np.float32(c) + m
 
 
 @device
 def dec8_q8_0(q, d, n, blk, g, v):
-    o = blk * 32 + 8 * g
+    o = blk * 8 + 2 * g
+    w0, w1 = q[n, o], q[n, o + 1]
     dd = d[n, blk]
     for i in range(8):
-        c = np.int32(q[n, o + i])
+        c = np.int32(_nib(w0, w1, i, 0, 255))
         v[i] = dd * np.float32(c - 256 if c >= 128 else c)
 
 
 @device
 def scale_min_k4(q, n, o, j):
-    """6-bit scale and min of sub-block j from the 12-byte field at q[n, o] (ggml's get_scale_min_k4)."""
+    """6-bit scale and min of sub-block j from the 12-byte field at byte o of row n (ggml's get_scale_min_k4)."""
     if j < 4:
-        return q[n, o + j] & 63, q[n, o + j + 4] & 63
-    sc = (q[n, o + j + 4] & 0x0F) | ((q[n, o + j - 4] >> 6) << 4)
-    m = (q[n, o + j + 4] >> 4) | ((q[n, o + j] >> 6) << 4)
+        return _byte(q, n, o + j) & 63, _byte(q, n, o + j + 4) & 63
+    sc = (_byte(q, n, o + j + 4) & 0x0F) | ((_byte(q, n, o + j - 4) >> 6) << 4)
+    m = (_byte(q, n, o + j + 4) >> 4) | ((_byte(q, n, o + j) >> 6) << 4)
     return sc, m
 
 
@@ -119,10 +131,11 @@ def dec8_q4_k(q, d, n, blk, g, v):
     sc, m = scale_min_k4(q, n, o, j)
     ds = d[n, 2 * blk] * np.float32(sc)
     dm = d[n, 2 * blk + 1] * np.float32(m)
-    o2 = o + 12 + 32 * (j // 2) + 8 * (g % 4)
+    o2 = (o + 12 + 32 * (j // 2) + 8 * (g % 4)) // 4
+    w0, w1 = q[n, o2], q[n, o2 + 1]
     s = 4 * (j % 2)
     for i in range(8):
-        v[i] = ds * np.float32((q[n, o2 + i] >> s) & 15) - dm
+        v[i] = ds * np.float32(_nib(w0, w1, i, s, 15)) - dm
 
 
 @device
@@ -133,10 +146,12 @@ def dec8_q5_k(q, d, n, blk, g, v):
     ds = d[n, 2 * blk] * np.float32(sc)
     dm = d[n, 2 * blk + 1] * np.float32(m)
     l0 = 8 * (g % 4)
-    o2 = o + 44 + 32 * (j // 2) + l0
+    o2 = (o + 44 + 32 * (j // 2) + l0) // 4
+    oh = (o + 12 + l0) // 4
+    w0, w1, h0, h1 = q[n, o2], q[n, o2 + 1], q[n, oh], q[n, oh + 1]
     s = 4 * (j % 2)
     for i in range(8):
-        c = ((q[n, o2 + i] >> s) & 15) | (((q[n, o + 12 + l0 + i] >> j) & 1) << 4)
+        c = _nib(w0, w1, i, s, 15) | (_nib(h0, h1, i, j, 1) << 4)
         v[i] = ds * np.float32(c) - dm
 
 
@@ -147,14 +162,15 @@ def dec8_q6_k(q, d, n, blk, g, v):
     h = v0 // 128
     k = (v0 % 128) // 32
     l0 = v0 % 32
-    o_lo = o + 64 * h + 32 * (k % 2) + l0
-    o_hi = o + 128 + 32 * h + l0
+    o_lo = (o + 64 * h + 32 * (k % 2) + l0) // 4
+    o_hi = (o + 128 + 32 * h + l0) // 4
+    w0, w1, h0, h1 = q[n, o_lo], q[n, o_lo + 1], q[n, o_hi], q[n, o_hi + 1]
     s_lo = 4 * (k // 2)
     s_hi = 2 * k
-    sc = np.int32(q[n, o + 192 + v0 // 16])
+    sc = np.int32(_byte(q, n, o + 192 + v0 // 16))
     ds = d[n, blk] * np.float32(sc - 256 if sc >= 128 else sc)
     for i in range(8):
-        c = ((q[n, o_lo + i] >> s_lo) & 15) | (((q[n, o_hi + i] >> s_hi) & 3) << 4)
+        c = _nib(w0, w1, i, s_lo, 15) | (_nib(h0, h1, i, s_hi, 3) << 4)
         v[i] = ds * np.float32(np.int32(c) - 32)
 
 
@@ -200,12 +216,14 @@ _D_FIELDS = {"q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0":
 
 
 def repack(packed: np.ndarray, type: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """GGUF bytes of an (N, K) matrix -> (q uint8 (N, blocks*QB), d float32 (N, blocks*DB)), see the top."""
+    """GGUF bytes of an (N, K) matrix -> (q uint32 (N, blocks*QB/4), d float32 (N, blocks*DB)), see the top.
+    q goes as little-endian words (every QB and every field the decoders read is 4-byte aligned): a decoder
+    takes its 8 bytes in two word loads instead of eight byte loads."""
     fmt = gpu_format(type)
     n, k = shape
     nb = k // fmt.block_values
     if fmt.qb == 0:
-        return np.zeros((1, 1), np.uint8), np.ascontiguousarray(dequantize(packed, type, shape), np.float32)
+        return np.zeros((1, 1), np.uint32), np.ascontiguousarray(dequantize(packed, type, shape), np.float32)
     src = get_format(type)
     blocks = np.ascontiguousarray(packed).reshape(-1).view(np.uint8).reshape(n * nb, src.type_size)
     fields = _D_FIELDS[type]
@@ -214,7 +232,8 @@ def repack(packed: np.ndarray, type: str, shape: tuple[int, int]) -> tuple[np.nd
     for o in fields:
         keep[o : o + 2] = False
     q = blocks[:, keep]
-    return np.ascontiguousarray(q.reshape(n, nb * fmt.qb)), np.ascontiguousarray(d.reshape(n, nb * fmt.db))
+    q = np.ascontiguousarray(q.reshape(n, nb * fmt.qb)).view("<u4")
+    return q, np.ascontiguousarray(d.reshape(n, nb * fmt.db))
 
 
 # ---- int8 codes for the tensor-core GEMM -------------------------------------------------------------------
