@@ -6,7 +6,7 @@ Shapes: x (T, K) float32 activations, W (N, row_bytes) uint8 (GGUF bytes of N ro
   with every token while its bytes sit in L1. Quantized types take int8 activations (act_quant.quantize_act)
   and integer dot products (formats.vdot, llama.cpp's vec_dot); float types decode into float registers.
 - `matmul_<type>` (prefill): 32 rows at a time are decoded into a transposed float32 panel (K, 32) that
-  stays in L2, then a register-tiled kernel (12 tokens x 32 rows, 24 accumulators) multiplies every
+  stays in L2 (16 x 16 blocks transposed in registers), then a register-tiled kernel (12 tokens x 32 rows, 24 accumulators) multiplies every
   token with it; the weight bytes are read once per call and decoded once per 32 rows.
 - `dequantize_<type>`: rows `ids` of W as float32 (embedding lookups, tests).
 Each public kernel is a two-line specialization of the generic bodies to one format code.
@@ -37,7 +37,7 @@ from .formats import (
     vdot,
 )
 from .jit import fast, inline, parallel
-from .simd import fadd, ffma, fget, fload, fput, fregs, fsplat, fstore, fsum, fzero
+from .simd import fadd, ffma, fget, fload, fput, fregs, fsplat, fstore, fsum, ftranspose16, fzero
 
 PANEL = 32  # rows per decoded panel (two vectors)
 TILE_T = 12  # tokens per register tile
@@ -99,16 +99,18 @@ def _matmul(y, w, x, fmt):
     for c in prange((n + PANEL - 1) // PANEL):
         r0 = c * PANEL
         nr = min(PANEL, n - r0)
-        rows = np.zeros((PANEL, k), np.float32)  # decoded rows, then transposed into the panel
-        for i in range(nr):
-            row, dst = w[r0 + i], rows[i]
-            for blk in range(nb):
-                for g in range(bv // 16):
-                    fstore(dst, blk * bv + 16 * g, dq16(fmt, row, blk, g))
-        panel = np.empty(k * PANEL, np.float32)  # (K, 32): row r of W at column r
-        for kk in range(k):
-            for i in range(PANEL):
-                panel[kk * PANEL + i] = rows[i, kk]
+        panel = np.empty(k * PANEL, np.float32)  # (K, 32): row r0 + i of W in column i
+        regs = fregs(16)
+        for blk in range(nb):
+            for g in range(bv // 16):
+                for half in range(2):  # rows r0 + 16 half .. + 16, 16 values each, turned into 16 columns
+                    for i in range(16):
+                        r = 16 * half + i
+                        fput(regs, i, dq16(fmt, w[r0 + r], blk, g) if r < nr else fzero())
+                    ftranspose16(regs)
+                    k0 = blk * bv + 16 * g
+                    for i in range(16):
+                        fstore(panel, (k0 + i) * PANEL + 16 * half, fget(regs, i))
         _panel_tokens(y, x, panel, r0, nr)
 
 
@@ -126,33 +128,37 @@ def _store_rows(yt, r0, nr, v0, v1):
             yt[r0 + i] = tmp[i]
 
 
+@inline
+def _tile(y, x, panel, r0, nr, t0, acc, tt):
+    """y[t0:t0+tt, r0:r0+nr] = x[t0:t0+tt] @ panel, tt (a constant) tokens x 32 rows in 2*tt registers."""
+    for i in range(2 * tt):
+        fput(acc, i, fzero())
+    for kk in range(x.shape[1]):
+        w0 = fload(panel, kk * PANEL)
+        w1 = fload(panel, kk * PANEL + 16)
+        for t in range(tt):
+            xs = fsplat(x[t0 + t, kk])
+            fput(acc, 2 * t, ffma(w0, xs, fget(acc, 2 * t)))
+            fput(acc, 2 * t + 1, ffma(w1, xs, fget(acc, 2 * t + 1)))
+    for t in range(tt):
+        _store_rows(y[t0 + t], r0, nr, fget(acc, 2 * t), fget(acc, 2 * t + 1))
+
+
 @fast
 def _panel_tokens(y, x, panel, r0, nr):
-    """y[:, r0:r0+nr] = x @ panel: register tiles of TILE_T tokens x 32 rows, then single tokens."""
-    t_all, k = x.shape
-    acc = fregs(24)
+    """y[:, r0:r0+nr] = x @ panel: tiles of TILE_T tokens, then of 4, then single tokens."""
+    t_all = x.shape[0]
+    acc = fregs(24)  # 2 * TILE_T
     t0 = 0
     while t0 + TILE_T <= t_all:
-        for i in range(2 * TILE_T):
-            fput(acc, i, fzero())
-        for kk in range(k):
-            w0 = fload(panel, kk * PANEL)
-            w1 = fload(panel, kk * PANEL + 16)
-            for t in range(TILE_T):
-                xs = fsplat(x[t0 + t, kk])
-                fput(acc, 2 * t, ffma(w0, xs, fget(acc, 2 * t)))
-                fput(acc, 2 * t + 1, ffma(w1, xs, fget(acc, 2 * t + 1)))
-        for t in range(TILE_T):
-            _store_rows(y[t0 + t], r0, nr, fget(acc, 2 * t), fget(acc, 2 * t + 1))
+        _tile(y, x, panel, r0, nr, t0, acc, TILE_T)
         t0 += TILE_T
-    for t in range(t0, t_all):
-        a0 = fzero()
-        a1 = fzero()
-        for kk in range(k):
-            xs = fsplat(x[t, kk])
-            a0 = ffma(fload(panel, kk * PANEL), xs, a0)
-            a1 = ffma(fload(panel, kk * PANEL + 16), xs, a1)
-        _store_rows(y[t], r0, nr, a0, a1)
+    while t0 + 4 <= t_all:
+        _tile(y, x, panel, r0, nr, t0, acc, 4)
+        t0 += 4
+    while t0 < t_all:
+        _tile(y, x, panel, r0, nr, t0, acc, 1)
+        t0 += 1
 
 
 # --- public kernels, one per format -------------------------------------------------------------------------

@@ -446,3 +446,33 @@ def fdiv(typingctx, a, b):
         return builder.fdiv(args[0], args[1])
 
     return f32x16(a, b), cg
+
+
+@intrinsic
+def ftranspose16(typingctx, regs):
+    """Transpose the 16 x 16 matrix held in regs[0..15] (fregs) in place: 4 stages of two-source shuffles,
+    each swapping the off-diagonal blocks of size 8, 4, 2, 1 (64 shuffles for 256 values)."""
+
+    def cg(context, builder, sig, args):
+        ptrs = [builder.gep(args[0], [ir.Constant(ir.IntType(64), i)]) for i in range(LANES)]
+        v = [builder.load(p, align=64) for p in ptrs]
+        b = LANES // 2
+        while b:
+            lo = [c if c & b == 0 else LANES + c - b for c in range(LANES)]  # row r keeps its low-b columns
+            hi = [c + b if c & b == 0 else LANES + c for c in range(LANES)]  # row r + b gets r's high ones
+            mlo, mhi = (
+                ir.Constant(ir.VectorType(_I32, LANES), lo),
+                ir.Constant(ir.VectorType(_I32, LANES), hi),
+            )
+            for r in range(LANES):
+                if r & b == 0:
+                    v[r], v[r + b] = (
+                        builder.shuffle_vector(v[r], v[r + b], mlo),
+                        builder.shuffle_vector(v[r], v[r + b], mhi),
+                    )
+            b //= 2
+        for p, x in zip(ptrs, v):
+            builder.store(x, p, align=64)
+        return context.get_dummy_value()
+
+    return types.none(regs), cg
