@@ -95,14 +95,14 @@ def _dq16(fmt, row, blk, g):
     return lambda fmt, row, blk, g: decoder(row, blk, g)
 
 
-def vdot(fmt, row, xq, xd, xs):
-    """A packed row's dot product with one token's int8 activations (act_quant.quantize_act), float32."""
+def vdot(fmt, row0, row1, xq, xd, xs):
+    """Two packed rows' dot products with one token's int8 activations (act_quant.quantize_act), float32."""
     raise NotImplementedError("vdot runs inside numba kernels only")
 
 
 @overload(vdot, inline="always")
-def _vdot(fmt, row, xq, xd, xs):
+def _vdot(fmt, row0, row1, xq, xd, xs):
     if not isinstance(fmt, types.IntegerLiteral) or fmt.literal_value not in _VEC_DOTS:
         raise TypingError("vdot needs the code of a quantized format as a compile-time constant")
     kernel = _VEC_DOTS[fmt.literal_value]
-    return lambda fmt, row, xq, xd, xs: kernel(row, xq, xd, xs)
+    return lambda fmt, row0, row1, xq, xd, xs: kernel(row0, row1, xq, xd, xs)

@@ -71,10 +71,12 @@ def _matvec(y, w, x, fmt):
 @parallel
 def _matvec_q(y, w, xq, xd, xs, fmt):
     literally(fmt)
-    for r in prange(w.shape[0]):
-        row = w[r]
+    n = w.shape[0]
+    for p in prange((n + 1) // 2):  # pairs of rows share each activation block load
+        r0 = 2 * p
+        r1 = min(r0 + 1, n - 1)  # an odd last row pairs with itself
         for t in range(xq.shape[0]):
-            y[t, r] = vdot(fmt, row, xq[t], xd[t], xs[t])
+            y[t, r0], y[t, r1] = vdot(fmt, w[r0], w[r1], xq[t], xd[t], xs[t])
 
 
 @parallel

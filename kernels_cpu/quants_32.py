@@ -12,8 +12,9 @@ pyquant.quants:
 qs byte j holds value j (low nibble) and value j + 16 (high nibble); bit j of qh is value j's fifth bit.
 Float rows are read as blocks of 32 values too (f32: 128 bytes, f16 and bf16: 64 bytes).
 
-Each `vdot_<type>(row, xq, xd, xs)` is the row's dot product with one token's int8 activations (codes xq,
-block scales xd, sums of 16 codes xs; act_quant.quantize_act), as ggml_vec_dot_<type>_q8_0: the codes as
+Each `vdot_<type>(row0, row1, xq, xd, xs)` is two rows' dot products with one token's int8 activations
+(codes xq, block scales xd, d * sums of 16 codes xs; act_quant.quantize_act), as ggml_vec_dot_<type>_q8_0:
+the codes as
 unsigned bytes against the int8 activations (simd_i8.idot), one float multiply-add per block, and the
 codes' offset taken back out through the activation sums.
 """
@@ -105,46 +106,56 @@ def dq16_bf16(row, blk, g):
 
 
 @inline
-def _vdot_blocks(row, xq, xd, xs, size, qs_at, qh_at, offset, has_min, is_q8):
-    """The body every 32-value format shares: codes q (unsigned bytes) of block b from nibbles at qs_at
-    (+ fifth bits at qh_at) or, for q8_0, the int8 codes + 128; x = d * (q - offset) (+ m)."""
-    acc = f8zero()
-    corr = np.float32(0)
+def _codes(row, o, qs_at, qh_at, is_q8):
+    """The 32 codes of the block at row[o] as unsigned bytes: nibbles (+ fifth bits), or int8 + 128."""
+    if is_q8:
+        return bxor(bload(row, o + qs_at), 0x80)
+    if qh_at:
+        return bor(bnib(row, o + qs_at), bbits(row, o + qh_at, 16))
+    return bnib(row, o + qs_at)
+
+
+@inline
+def _vdot_blocks(row0, row1, xq, xd, xs, size, qs_at, qh_at, offset, has_min, is_q8):
+    """Two rows' dot products with one token (the activation block loaded once for both), for every 32-value
+    format: x = d * (q - offset) (+ m). Sums of d * (activation block sum) carry the offset and the min."""
+    acc0, acc1 = f8zero(), f8zero()
+    off0, off1 = np.float32(0), np.float32(0)
+    min0, min1 = np.float32(0), np.float32(0)
     for b in range(xq.shape[0] // 32):
         o = b * size
-        if is_q8:
-            q = bxor(bload(row, o + qs_at), 0x80)
-        elif qh_at:
-            q = bor(bnib(row, o + qs_at), bbits(row, o + qh_at, 16))
-        else:
-            q = bnib(row, o + qs_at)
-        d = half_at(row, o)
-        acc = f8fma_i(idot(izero8(), q, bload(xq, 32 * b)), d * xd[b], acc)
-        sx = xs[2 * b] + xs[2 * b + 1]
-        corr += (half_at(row, o + 2) - offset * d) * sx if has_min else -offset * d * sx
-    return f8sum(acc) + corr
+        xb, dx, sx = bload(xq, 32 * b), xd[b], xs[2 * b] + xs[2 * b + 1]
+        d0, d1 = half_at(row0, o), half_at(row1, o)
+        acc0 = f8fma_i(idot(izero8(), _codes(row0, o, qs_at, qh_at, is_q8), xb), d0 * dx, acc0)
+        acc1 = f8fma_i(idot(izero8(), _codes(row1, o, qs_at, qh_at, is_q8), xb), d1 * dx, acc1)
+        off0 += d0 * sx
+        off1 += d1 * sx
+        if has_min:
+            min0 += half_at(row0, o + 2) * sx
+            min1 += half_at(row1, o + 2) * sx
+    return f8sum(acc0) + min0 - offset * off0, f8sum(acc1) + min1 - offset * off1
 
 
 @inline
-def vdot_q4_0(row, xq, xd, xs):
-    return _vdot_blocks(row, xq, xd, xs, 18, 2, 0, np.float32(8), False, False)
+def vdot_q4_0(row0, row1, xq, xd, xs):
+    return _vdot_blocks(row0, row1, xq, xd, xs, 18, 2, 0, np.float32(8), False, False)
 
 
 @inline
-def vdot_q4_1(row, xq, xd, xs):
-    return _vdot_blocks(row, xq, xd, xs, 20, 4, 0, np.float32(0), True, False)
+def vdot_q4_1(row0, row1, xq, xd, xs):
+    return _vdot_blocks(row0, row1, xq, xd, xs, 20, 4, 0, np.float32(0), True, False)
 
 
 @inline
-def vdot_q5_0(row, xq, xd, xs):
-    return _vdot_blocks(row, xq, xd, xs, 22, 6, 2, np.float32(16), False, False)
+def vdot_q5_0(row0, row1, xq, xd, xs):
+    return _vdot_blocks(row0, row1, xq, xd, xs, 22, 6, 2, np.float32(16), False, False)
 
 
 @inline
-def vdot_q5_1(row, xq, xd, xs):
-    return _vdot_blocks(row, xq, xd, xs, 24, 8, 4, np.float32(0), True, False)
+def vdot_q5_1(row0, row1, xq, xd, xs):
+    return _vdot_blocks(row0, row1, xq, xd, xs, 24, 8, 4, np.float32(0), True, False)
 
 
 @inline
-def vdot_q8_0(row, xq, xd, xs):
-    return _vdot_blocks(row, xq, xd, xs, 34, 2, 0, np.float32(128), False, True)
+def vdot_q8_0(row0, row1, xq, xd, xs):
+    return _vdot_blocks(row0, row1, xq, xd, xs, 34, 2, 0, np.float32(128), False, True)

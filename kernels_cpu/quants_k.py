@@ -11,7 +11,7 @@ float32x16, computed as ggml's dequantize_row_<type>. Byte maps, as in pyquant.q
 2-bit fields (q2_k, q3_k low bits): byte 32h + l holds value 128h + 32k + l at bits 2k..2k+1.
 4-bit fields (q4_k, q5_k): byte 32c + l holds value 64c + l (low nibble) and 64c + 32 + l (high nibble).
 
-`vdot_<type>(row, xq, xd, xs)` is the row's dot product with one token's int8 activations, as
+`vdot_<type>(row0, row1, xq, xd, xs)` is two rows' dot products with one token's int8 activations, as
 ggml_vec_dot_<type>_q8_K but on the 32-value activation blocks of act_quant.quantize_act: for each 32 values
 the codes as unsigned bytes (simd_i8.idot) times the sub-block scale(s), the mins and offsets through the
 activation sums of 16.
@@ -103,7 +103,7 @@ def _crumbs32(row, o, j):
 
 
 @inline
-def vdot_q2_k(row, xq, xd, xs):
+def _vdot1_q2_k(row, xq, xd, xs):
     acc = f8zero()
     corr = F32(0)
     for blk in range(xq.shape[0] // 256):
@@ -120,7 +120,7 @@ def vdot_q2_k(row, xq, xd, xs):
 
 
 @inline
-def vdot_q3_k(row, xq, xd, xs):
+def _vdot1_q3_k(row, xq, xd, xs):
     acc = f8zero()
     corr = F32(0)
     for blk in range(xq.shape[0] // 256):
@@ -164,17 +164,17 @@ def _vdot_k4(row, xq, xd, xs, size, qs_at, has_qh):
 
 
 @inline
-def vdot_q4_k(row, xq, xd, xs):
-    return _vdot_k4(row, xq, xd, xs, 144, 16, False)
+def vdot_q4_k(row0, row1, xq, xd, xs):
+    return _vdot_k4(row0, xq, xd, xs, 144, 16, False), _vdot_k4(row1, xq, xd, xs, 144, 16, False)
 
 
 @inline
-def vdot_q5_k(row, xq, xd, xs):
-    return _vdot_k4(row, xq, xd, xs, 176, 48, True)
+def vdot_q5_k(row0, row1, xq, xd, xs):
+    return _vdot_k4(row0, xq, xd, xs, 176, 48, True), _vdot_k4(row1, xq, xd, xs, 176, 48, True)
 
 
 @inline
-def vdot_q6_k(row, xq, xd, xs):
+def _vdot1_q6_k(row, xq, xd, xs):
     acc = f8zero()
     corr = F32(0)
     for blk in range(xq.shape[0] // 256):
@@ -192,3 +192,18 @@ def vdot_q6_k(row, xq, xd, xs):
             acc = f8fma_i2(p, dx * F32(sa), dx * F32(sb), acc)
             corr += d * (F32(sa) * xs[2 * a] + F32(sb) * xs[2 * a + 1])
     return f8sum(acc) - F32(32) * corr
+
+
+@inline
+def vdot_q2_k(row0, row1, xq, xd, xs):
+    return _vdot1_q2_k(row0, xq, xd, xs), _vdot1_q2_k(row1, xq, xd, xs)
+
+
+@inline
+def vdot_q3_k(row0, row1, xq, xd, xs):
+    return _vdot1_q3_k(row0, xq, xd, xs), _vdot1_q3_k(row1, xq, xd, xs)
+
+
+@inline
+def vdot_q6_k(row0, row1, xq, xd, xs):
+    return _vdot1_q6_k(row0, xq, xd, xs), _vdot1_q6_k(row1, xq, xd, xs)
