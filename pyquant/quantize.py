@@ -38,11 +38,16 @@ def build_method(method: str, opts: dict):
     if method in ("rtn", "gptq", "awq"):
         if group not in GROUPS:
             raise PyquantError(f"--group must be one of 32, 64, 128 or 0 (per channel), not {group}")
-        grid = weight_grid(bits, sym)
+        grid = weight_grid(bits, sym, opts.get("mse", False))
         ggml = bits == 4 or (bits == 8 and sym)
         fmt = "ggml" if ggml else "gq"
         embed = {(4, True): "q4_0", (4, False): "q4_1"}.get((bits, sym), "q8_0")
-        meta = {"pyquant.weight.bits": bits, "pyquant.weight.sym": sym, "pyquant.weight.group_size": group}
+        meta = {
+            "pyquant.weight.bits": bits,
+            "pyquant.weight.sym": sym,
+            "pyquant.weight.group_size": group,
+            "pyquant.weight.mse": bool(opts.get("mse", False)),
+        }
         if method == "rtn":
             from .ptq.rtn import RTNMethod
 
@@ -157,6 +162,11 @@ def add_arguments(p) -> None:
     w.add_argument("--group", type=int, default=32, help="32, 64, 128, or 0 for per channel (default 32)")
     w.add_argument(
         "--asym", action="store_true", help="asymmetric grid (4 bits: Q4_1) instead of symmetric (Q4_0)"
+    )
+    w.add_argument(
+        "--mse",
+        action="store_true",
+        help="choose each group's scale by an error search over shrunk ranges (rtn, gptq)",
     )
     g = p.add_argument_group("gptq")
     g.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal")

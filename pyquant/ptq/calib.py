@@ -58,10 +58,18 @@ def read_text(path: Path) -> str:
 
 @lru_cache(maxsize=4)
 def _token_ids(hf_dir: str, text: str, stamp: float) -> np.ndarray:
+    text = read_text(Path(text))
+    spm = Path(hf_dir) / "tokenizer.model"
+    if not (Path(hf_dir) / "tokenizer.json").exists() and spm.exists():  # SentencePiece-only checkpoints
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor()
+        sp.LoadFromFile(str(spm))
+        return np.asarray(sp.EncodeAsIds(text), dtype=np.int64)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    return np.asarray(tok(read_text(Path(text)), add_special_tokens=False)["input_ids"], dtype=np.int64)
+    return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
 
 def calibration_tokens(hf_dir: Path, cfg: CalibConfig) -> np.ndarray:

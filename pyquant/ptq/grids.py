@@ -98,13 +98,41 @@ class MinMax(Grid):
         return f"MinMax({self.bits})"
 
 
-def weight_grid(bits: int, sym: bool) -> Grid:
+class MSEClip(Grid):
+    """A grid whose parameters come from the weights shrunk by the factor p in (1 - max_shrink, 1] that
+    minimizes sum |w - Q(w)|^norm per row (IST-DASLab's quantizer with mse=True: 100 steps, 2.4)."""
+
+    def __init__(self, base: Grid, steps: int = 100, max_shrink: float = 0.2, norm: float = 2.4):
+        self.base, self.steps, self.max_shrink, self.norm = base, steps, max_shrink, norm
+        self.bits, self.sym, self.lo, self.hi = base.bits, base.sym, base.lo, base.hi
+
+    def params(self, w):
+        best, best_err = self.base.params(w), None
+        for i in range(int(self.max_shrink * self.steps)):
+            s, z = self.base.params(w * (1 - i / self.steps))
+            err = (self.base.values(self.base.codes(w, s, z), s, z) - w).abs().pow(self.norm).sum(dim=-1)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, s, best[0]), None if z is None else torch.where(better, z, best[1]))
+        return best
+
+    def __repr__(self):
+        return f"MSEClip({self.base!r})"
+
+
+def unwrap(grid: Grid) -> Grid:
+    return grid.base if isinstance(grid, MSEClip) else grid
+
+
+def weight_grid(bits: int, sym: bool, mse: bool = False) -> Grid:
     """The grid GPTQ, AWQ and RTN use: ggml's rules, so 4-bit sym is Q4_0, 4-bit asym Q4_1, 8-bit sym Q8_0."""
     if bits not in (2, 3, 4, 8):
         raise PyquantError(f"--bits must be 2, 3, 4 or 8, not {bits}")
-    if bits == 8 and sym:
-        return AbsMax(8)
-    return SignedMax(bits) if sym else MinMax(bits)
+    grid = AbsMax(8) if bits == 8 and sym else SignedMax(bits) if sym else MinMax(bits)
+    return MSEClip(grid) if mse else grid
 
 
 @dataclass
@@ -131,7 +159,7 @@ class QuantWeight:
         """The ggml type that holds these values exactly, or None."""
         if self.group % 32 or self.shape[1] % 32:
             return None
-        g = self.grid
+        g = unwrap(self.grid)
         if g.bits == 4 and isinstance(g, SignedMax):
             return "q4_0"
         if g.bits == 4 and isinstance(g, MinMax):
