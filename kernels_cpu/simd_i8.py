@@ -106,14 +106,8 @@ def bbits(typingctx, arr, idx, val):
         return None
 
     def cg(context, builder, sig, args):
-        v = builder.load(
-            _ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 4)), align=1
-        )
-        spread = builder.shuffle_vector(
-            v, v, ir.Constant(ir.VectorType(_I32, 32), [j // 8 for j in range(32)])
-        )
-        bit = builder.and_(spread, ir.Constant(_VB, [1 << (j % 8) for j in range(32)]))
-        on = builder.icmp_unsigned("!=", bit, _c(_VB, 0))
+        bits = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
+        on = builder.bitcast(bits, ir.VectorType(ir.IntType(1), 32))  # AVX-512: a mask register, then one move
         return builder.select(on, _c(_VB, sig.args[2].literal_value), _c(_VB, 0))
 
     return b32(arr, idx, val), cg
