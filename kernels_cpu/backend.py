@@ -22,6 +22,8 @@ CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
 # row's int8 dot products run per token while its bytes sit in L1 (matvec). Measured crossover on qwen's
 # weights, 1 thread: 8 (q6_k) to 16 (q5_0) tokens.
 MATMUL_MIN_TOKENS = 10
+# Weights the transformer applies to one input in a row (GGUF names): the lead's linear runs them all.
+GROUPS = {"attn_q": ("attn_k", "attn_v"), "ffn_gate": ("ffn_up",)}
 
 
 class PackedWeight:
@@ -86,10 +88,14 @@ class CpuBackend:
         self.cache_type = cache_type
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._act = None
+        self._weights: dict[str, PackedWeight] = {}  # by GGUF name, to find the groups below
+        self._groups: dict[int, list[PackedWeight]] = {}
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- weights ---------------------------------------------------------------------------------------
     def weight(self, t: TensorInfo) -> PackedWeight:
-        return PackedWeight.from_tensor(t)
+        w = self._weights[t.name] = PackedWeight.from_tensor(t)
+        return w
 
     # --- ops ---------------------------------------------------------------------------------------------
     def get_rows(self, w: PackedWeight, ids: np.ndarray) -> np.ndarray:  # (T, D)
@@ -101,16 +107,43 @@ class CpuBackend:
         return out
 
     def linear(self, x: np.ndarray, w: PackedWeight, bias: np.ndarray | None = None) -> np.ndarray:
-        y = np.empty((x.shape[0], w.shape[0]), np.float32)  # (T, N)
-        if x.shape[0] >= MATMUL_MIN_TOKENS:
-            w.matmul(y, w.rows, _f32(x))
-        elif w.quantized:
-            w.matvec(y, w.rows, *self._int8_activations(x))
+        pending = self._pending.pop(id(w), None)
+        if pending is not None and pending[0] is x:  # computed with the first weight of its group
+            y = pending[1]
         else:
-            w.matvec(y, w.rows, _f32(x))
+            y = np.empty((x.shape[0], w.shape[0]), np.float32)  # (T, N)
+            if x.shape[0] >= MATMUL_MIN_TOKENS:
+                w.matmul(y, w.rows, _f32(x))
+            elif not w.quantized:
+                w.matvec(y, w.rows, _f32(x))
+            else:
+                group = self._group(w)
+                if len(group) > 1:
+                    ys = [y] + [np.empty((x.shape[0], g.shape[0]), np.float32) for g in group[1:]]
+                    act = self._int8_activations(x)
+                    linear.matvec_group(ys, [g.rows for g in group], [g.type for g in group], *act)
+                    self._pending = {id(g): (x, yg) for g, yg in zip(group[1:], ys[1:])}
+                else:
+                    w.matvec(y, w.rows, *self._int8_activations(x))
         if bias is not None:
             y += bias
         return y
+
+    def _group(self, w: PackedWeight) -> list[PackedWeight]:
+        """w and the quantized weights the model applies to the same activations right after it (attn_k and
+        attn_v after attn_q, ffn_up after ffn_gate): a decode step runs each group in one parallel region.
+        Found by GGUF tensor name; a weight that leads no group is a group of one."""
+        group = self._groups.get(id(w))
+        if group is None:
+            group = [w]
+            for lead, followers in GROUPS.items():
+                if f".{lead}." in w.name:
+                    names = [w.name.replace(f".{lead}.", f".{f}.") for f in followers]
+                    found = [self._weights.get(n) for n in names]
+                    if all(g is not None and g.quantized for g in found):
+                        group += found
+            self._groups[id(w)] = group
+        return group
 
     def _int8_activations(self, x: np.ndarray):
         """x (T, K) as int8 blocks (codes, scales, sums of 16); the last one is kept, as the model feeds the

@@ -23,11 +23,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before numba starts its OpenMP pool
 
 import numba
 from numba.core import caching
+from numba.core.errors import NumbaIRAssumptionWarning
+
+# numba's own pedantic SSA check misfires on helpers inlined into if/elif branches (linear._matvec_group)
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -68,15 +68,64 @@ def _matvec(y, w, x, fmt):
             y[t, r] = _row_dot(row, x[t], nb, bv, fmt)
 
 
+@inline
+def _row_pair(y, w, p, xq, xd, xs, fmt):
+    """Rows 2p and 2p+1 (pairs share each activation block load; an odd last row pairs with itself)."""
+    r0 = 2 * p
+    r1 = min(r0 + 1, w.shape[0] - 1)
+    for t in range(xq.shape[0]):
+        y[t, r0], y[t, r1] = vdot(fmt, w[r0], w[r1], xq[t], xd[t], xs[t])
+
+
 @parallel
 def _matvec_q(y, w, xq, xd, xs, fmt):
     literally(fmt)
-    n = w.shape[0]
-    for p in prange((n + 1) // 2):  # pairs of rows share each activation block load
-        r0 = 2 * p
-        r1 = min(r0 + 1, n - 1)  # an odd last row pairs with itself
-        for t in range(xq.shape[0]):
-            y[t, r0], y[t, r1] = vdot(fmt, w[r0], w[r1], xq[t], xd[t], xs[t])
+    for p in prange((w.shape[0] + 1) // 2):
+        _row_pair(y, w, p, xq, xd, xs, fmt)
+
+
+@parallel
+def _matvec_group(y0, w0, y1, w1, y2, w2, xq, xd, xs, f0, f1, f2):
+    """Three weights that read the same activations (q/k/v, gate/up + an empty one) in one parallel region."""
+    literally(f0)
+    literally(f1)
+    literally(f2)
+    p0, p1, p2 = (w0.shape[0] + 1) // 2, (w1.shape[0] + 1) // 2, (w2.shape[0] + 1) // 2
+    for p in prange(p0 + p1 + p2):
+        if p < p0:
+            _row_pair(y0, w0, p, xq, xd, xs, f0)
+        elif p < p0 + p1:
+            _row_pair(y1, w1, p - p0, xq, xd, xs, f1)
+        else:
+            _row_pair(y2, w2, p - p0 - p1, xq, xd, xs, f2)
+
+
+_GROUP_ENTRIES: dict[tuple[int, int, int], object] = {}
+
+
+def matvec_group(ys, ws, types_, xq, xd, xs):
+    """ys[i] = int8 activations @ ws[i].T for 2 or 3 quantized weights of one input, in one parallel region.
+
+    The kernel is specialized to its three format codes; after the first call the compiled entry point is
+    called directly (through the dispatcher a `literally` kernel is re-typed on every call, ~40 ms). The
+    activations come from act_quant.quantize_act (C-contiguous int8/float32 arrays)."""
+    if len(ws) == 2:  # a third weight of no rows
+        empty = np.empty((0, ws[1].shape[1]), np.uint8)
+        empty.flags.writeable = False
+        ys, ws, types_ = (*ys, np.empty((ys[1].shape[0], 0), np.float32)), (*ws, empty), (*types_, types_[1])
+    # the entry point takes no type checks: every array must be what the one compiled signature expects
+    assert all(y.flags.c_contiguous and y.dtype == np.float32 and y.ndim == 2 for y in ys)
+    assert all(w.flags.c_contiguous and not w.flags.writeable and w.ndim == 2 for w in ws)
+    codes = tuple(FORMATS[t].code for t in types_)
+    args = (ys[0], ws[0], ys[1], ws[1], ys[2], ws[2], xq, xd, xs, *codes)
+    entry = _GROUP_ENTRIES.get(codes)
+    if entry is None:
+        _matvec_group(*args)
+        for sig, cres in _matvec_group.overloads.items():
+            if tuple(getattr(a, "literal_value", None) for a in sig[-3:]) == codes:
+                _GROUP_ENTRIES[codes] = cres.entry_point
+        return
+    entry(*args)
 
 
 @parallel

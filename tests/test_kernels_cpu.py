@@ -26,6 +26,10 @@ from kernels_cpu.backend import MATMUL_MIN_TOKENS, CpuBackend, PackedWeight
 from kernels_cpu.formats import FORMATS
 from pyquant.backend import NumpyBackend, attention_mask, rope_cos_sin
 
+# numba's pedantic SSA check misfires on helpers inlined into branches (kernels_cpu.jit silences it; pytest
+# resets warning filters)
+pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaIRAssumptionWarning")
+
 BLOCK_32 = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 K_QUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 FLOATS = ["f32", "f16", "bf16"]
@@ -144,6 +148,46 @@ def test_matmul(type):
         y = np.full((t, n), np.nan, np.float32)
         linear.MATMUL[type](y, p, x)
         check_linear(y, x, oracle(p, type, (n, k)))
+
+
+@pytest.mark.parametrize("types", [("q5_0", "q5_0", "q8_0"), ("q4_k", "q6_k"), ("q8_0", "q4_0", "q5_1")])
+def test_matvec_group_equals_single_kernels(types):
+    """One parallel region over 2-3 weights of one input gives each weight's own matvec, bit for bit."""
+    rng = np.random.default_rng(11)
+    k = 512
+    ws = [packed(weights(t, n, k, seed=i), t) for i, (t, n) in enumerate(zip(types, (37, 8, 21)))]
+    act, _ = int8_activations(rng.standard_normal((2, k)).astype(np.float32))
+    ys = [np.full((2, w.shape[0]), np.nan, np.float32) for w in ws]
+    for _ in range(2):  # the first call compiles, the second goes straight to the entry point
+        linear.matvec_group(ys, ws, list(types), *act)
+    for y, w, t in zip(ys, ws, types):
+        want = np.empty_like(y)
+        linear.MATVEC[t](want, w, *act)
+        assert np.array_equal(y, want)
+
+
+def test_backend_groups_decode_linears():
+    """attn_q's linear computes attn_k and attn_v too; their calls with the same input take the results."""
+    rng = np.random.default_rng(12)
+    be = CpuBackend()
+    names = {"attn_q": ("q5_0", 64), "attn_k": ("q5_0", 16), "attn_v": ("q8_0", 16)}
+    ws = {}
+    for role, (t, n) in names.items():
+        p = packed(weights(t, n, 256, seed=n), t)
+        info = type("T", (), {"name": f"blk.0.{role}.weight", "type": t, "shape": (n, 256), "data": p})
+        ws[role] = be.weight(info)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    got = {role: be.linear(x, w) for role, w in ws.items()}
+    assert not be._pending
+    for role, w in ws.items():
+        want = np.empty((1, w.shape[0]), np.float32)
+        w.matvec(want, w.rows, *int8_activations(x)[0])
+        assert np.array_equal(got[role], want), role
+    other = rng.standard_normal((1, 256)).astype(np.float32)  # another input: no stale results
+    be.linear(x, ws["attn_q"])
+    want = np.empty((1, 16), np.float32)
+    ws["attn_k"].matvec(want, ws["attn_k"].rows, *int8_activations(other)[0])
+    assert np.array_equal(be.linear(other, ws["attn_k"]), want)
 
 
 def test_backend_linear_picks_kernel_and_adds_bias():
