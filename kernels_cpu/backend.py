@@ -22,6 +22,7 @@ CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
 # row's int8 dot products run per token while its bytes sit in L1 (matvec). Measured crossover on qwen's
 # weights, 1 thread: 8 (q6_k) to 16 (q5_0) tokens.
 MATMUL_MIN_TOKENS = 10
+PARALLEL_MIN_VALUES = 1 << 16  # elementwise ops on fewer values stay on the calling thread
 # Weights the transformer applies to one input in a row (GGUF names): the lead's linear runs them all.
 GROUPS = {"attn_q": ("attn_k", "attn_v"), "ffn_gate": ("ffn_up",)}
 
@@ -198,13 +199,17 @@ class CpuBackend:
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         gate, up = _f32(gate), _f32(up)
         out = np.empty_like(gate)
-        ops.swiglu(out.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        (ops.swiglu if gate.size >= PARALLEL_MIN_VALUES else ops.swiglu_serial)(
+            out.reshape(-1), gate.reshape(-1), up.reshape(-1)
+        )
         return out
 
     def geglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         gate, up = _f32(gate), _f32(up)
         out = np.empty_like(gate)
-        ops.geglu(out.reshape(-1), gate.reshape(-1), up.reshape(-1))
+        (ops.geglu if gate.size >= PARALLEL_MIN_VALUES else ops.geglu_serial)(
+            out.reshape(-1), gate.reshape(-1), up.reshape(-1)
+        )
         return out
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -74,32 +74,46 @@ def _gelu16(g):
 
 
 @inline
-def _gated(out, gate, up, n, kind):
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        lo = c * CHUNK
-        hi = min(n, lo + CHUNK)
-        n16 = lo + (hi - lo) // 16 * 16
-        for i in range(lo, n16, 16):
-            g = fload(gate, i)
-            a = _silu16(g) if kind == 0 else _gelu16(g)
-            fstore(out, i, fmul(a, fload(up, i)))
-        for i in range(n16, hi):
-            g = gate[i]
-            if kind == 0:
-                a = g / (np.float32(1.0) + np.exp(-g))
-            else:
-                u = np.float32(GELU_C) * (g + np.float32(0.044715) * g * g * g)
-                a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(u))
-            out[i] = a * up[i]
+def _gated_chunk(out, gate, up, lo, hi, kind):
+    """out[lo:hi] = act(gate) * up, act = silu (kind 0) or gelu_tanh (kind 1)."""
+    n16 = lo + (hi - lo) // 16 * 16
+    for i in range(lo, n16, 16):
+        g = fload(gate, i)
+        a = _silu16(g) if kind == 0 else _gelu16(g)
+        fstore(out, i, fmul(a, fload(up, i)))
+    for i in range(n16, hi):
+        g = gate[i]
+        if kind == 0:
+            a = g / (np.float32(1.0) + np.exp(-g))
+        else:
+            u = np.float32(GELU_C) * (g + np.float32(0.044715) * g * g * g)
+            a = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(u))
+        out[i] = a * up[i]
 
 
 @parallel
 def swiglu(out, gate, up):
-    """out = silu(gate) * up over flat float32 arrays."""
-    _gated(out, gate, up, gate.shape[0], 0)
+    """out = silu(gate) * up over flat float32 arrays, chunks split across threads."""
+    n = gate.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        _gated_chunk(out, gate, up, c * CHUNK, min(n, (c + 1) * CHUNK), 0)
 
 
 @parallel
 def geglu(out, gate, up):
-    """out = gelu_tanh(gate) * up over flat float32 arrays (Gemma's gated GELU)."""
-    _gated(out, gate, up, gate.shape[0], 1)
+    """out = gelu_tanh(gate) * up over flat float32 arrays (Gemma's gated GELU), chunks split across threads."""
+    n = gate.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        _gated_chunk(out, gate, up, c * CHUNK, min(n, (c + 1) * CHUNK), 1)
+
+
+@fast
+def swiglu_serial(out, gate, up):
+    """swiglu on the calling thread (a decode step's few thousand values: no parallel region)."""
+    _gated_chunk(out, gate, up, 0, gate.shape[0], 0)
+
+
+@fast
+def geglu_serial(out, gate, up):
+    """geglu on the calling thread."""
+    _gated_chunk(out, gate, up, 0, gate.shape[0], 1)

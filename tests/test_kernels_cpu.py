@@ -244,10 +244,11 @@ def test_gated_units(n):
     g[:1] = 95.0  # exp overflow on the way: silu(g) -> g
     u = rng.standard_normal(n).astype(np.float32)
     out = np.empty_like(g)
-    ops.swiglu(out, g, u)
-    close(out, REF.swiglu(g, u))
-    ops.geglu(out, g, u)
-    close(out, REF.geglu(g, u))
+    for swiglu, geglu in ((ops.swiglu, ops.geglu), (ops.swiglu_serial, ops.geglu_serial)):
+        swiglu(out, g, u)
+        close(out, REF.swiglu(g, u))
+        geglu(out, g, u)
+        close(out, REF.geglu(g, u))
 
 
 @pytest.mark.parametrize("shape", [(1, 896), (7, 640), (3, 14, 64), (2, 4, 256)])
