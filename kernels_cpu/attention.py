@@ -20,7 +20,23 @@ from numba import literally, prange
 
 from .formats import F16, F32, Q4_0, Q8_0, dq16
 from .jit import fast, inline, parallel
-from .simd import fadd, fexp, ffma, fhmax, fload, fmul, fsplat, fstore, fsub, fsum, fzero
+from .simd import (
+    fadd,
+    fexp,
+    ffma,
+    fget,
+    fhmax,
+    fload,
+    fmul,
+    fput,
+    fregs,
+    fsplat,
+    fstore,
+    fsub,
+    fsum,
+    ftranspose16,
+    fzero,
+)
 
 TILE_S = 16  # keys per tile
 TILE_Q = 16  # query positions per work item
@@ -29,34 +45,34 @@ F32_ = np.float32
 
 
 @inline
-def _decode_tiles(kt, vt, kc, vc, g, s0, ns, dk, dv, tmp, fmt):
-    """Keys s0..s0+ns of kv head g into kt (Dk, 16) transposed, values into vt (16, Dv); zeros past ns."""
+def _decode_tiles(kt, vt, kc, vc, g, s0, ns, dk, dv, regs, fmt):
+    """Keys s0..s0+ns of kv head g into kt (Dk, 16) transposed (16 x 16 blocks turned in registers), values
+    into vt (16, Dv); zeros past ns."""
+    for blk in range(dk // 32):
+        for gg in range(2):
+            for j in range(TILE_S):
+                fput(regs, j, dq16(fmt, kc[s0 + j, g], blk, gg) if j < ns else fzero())
+            ftranspose16(regs)
+            d0 = blk * 32 + 16 * gg
+            for i in range(16):
+                fstore(kt[d0 + i], 0, fget(regs, i))
     for j in range(TILE_S):
-        if j < ns:
-            krow, vrow = kc[s0 + j, g], vc[s0 + j, g]
-            for blk in range(dk // 32):
-                for gg in range(2):
-                    fstore(tmp, 0, dq16(fmt, krow, blk, gg))
-                    d0 = blk * 32 + 16 * gg
-                    for i in range(16):
-                        kt[d0 + i, j] = tmp[i]
-            for blk in range(dv // 32):
-                for gg in range(2):
-                    fstore(vt[j], blk * 32 + 16 * gg, dq16(fmt, vrow, blk, gg))
-        else:
-            kt[:, j] = 0
-            vt[j, :] = 0
+        for blk in range(dv // 32):
+            for gg in range(2):
+                v = dq16(fmt, vc[s0 + j, g], blk, gg) if j < ns else fzero()
+                fstore(vt[j], blk * 32 + 16 * gg, v)
 
 
 @inline
 def _scores(qi, kt, dk):
-    """16 scores of one (pre-scaled) query row against the transposed key tile."""
-    a0 = fzero()
-    a1 = fzero()
-    for d in range(0, dk, 2):
+    """16 scores of one (pre-scaled) query row against the transposed key tile (4 independent sums)."""
+    a0, a1, a2, a3 = fzero(), fzero(), fzero(), fzero()
+    for d in range(0, dk, 4):
         a0 = ffma(fsplat(qi[d]), fload(kt[d], 0), a0)
         a1 = ffma(fsplat(qi[d + 1]), fload(kt[d + 1], 0), a1)
-    return fadd(a0, a1)
+        a2 = ffma(fsplat(qi[d + 2]), fload(kt[d + 2], 0), a2)
+        a3 = ffma(fsplat(qi[d + 3]), fload(kt[d + 3], 0), a3)
+    return fadd(fadd(a0, a1), fadd(a2, a3))
 
 
 @parallel
@@ -80,10 +96,11 @@ def _attend(out, q, kc, vc, pos0, scale, window, fmt):
         kt = np.empty((dk, TILE_S), F32_)
         vt = np.empty((TILE_S, dv), F32_)
         tmp = np.empty(TILE_S, F32_)
+        regs = fregs(16)
         first, last = pos0 + t0, pos0 + t0 + nt - 1
         s_begin = max(0, first - window + 1) if window > 0 else 0
         for s0 in range(s_begin, last + 1, TILE_S):
-            _decode_tiles(kt, vt, kc, vc, g, s0, min(TILE_S, last + 1 - s0), dk, dv, tmp, fmt)
+            _decode_tiles(kt, vt, kc, vc, g, s0, min(TILE_S, last + 1 - s0), dk, dv, regs, fmt)
             for i in range(nq):
                 p = first + i // group
                 lo = max(0, p - window + 1) if window > 0 else 0
