@@ -21,20 +21,51 @@ from __future__ import annotations
 
 import numpy as np
 
-from .jit import fast, inline
-from .simd import fmul, fsplat, fsub, half_at, iand, iload_u8, ior, ishl, ishr, isub, itof
-from .simd_i8 import bfield, bload, bor, bshl, f8fma_i, f8fma_i2, f8sum, f8zero, idot, izero8
+from .jit import inline
+from .simd import (
+    fload,
+    fmul,
+    fsplat,
+    fsub,
+    fsum,
+    half_at,
+    iand,
+    iload_i8,
+    iload_u8,
+    ior,
+    ishl,
+    ishr,
+    isub,
+    itof,
+)
+from .simd_i8 import (
+    bfield,
+    bload,
+    bor,
+    bshl,
+    f8fma_i,
+    f8fma_i2,
+    f8fma_iv,
+    f8pair,
+    f8scale,
+    f8sum,
+    f8zero,
+    idot,
+    izero8,
+)
 
 F32 = np.float32
 
 
-@fast
+@inline
 def scale_min_k4(row, o, j):
-    """6-bit scale and min of sub-block j from the 12-byte field at row[o] (ggml's get_scale_min_k4)."""
-    if j < 4:
-        return row[o + j] & 63, row[o + j + 4] & 63
-    sc = (row[o + j + 4] & 0x0F) | ((row[o + j - 4] >> 6) << 4)
-    m = (row[o + j + 4] >> 4) | ((row[o + j] >> 6) << 4)
+    """6-bit scale and min of sub-block j from the 12-byte field at row[o] (ggml's get_scale_min_k4), as
+    one expression for both halves (j < 4: low 6 bits of bytes j, j + 4; else the nibbles of byte j + 4
+    with the top bits of bytes j - 4, j), so that it inlines without branches."""
+    i, hi = j % 4, j // 4
+    a, b, c = np.int64(row[o + i]), np.int64(row[o + 4 + i]), np.int64(row[o + 8 + i])
+    sc = (1 - hi) * (a & 63) + hi * ((c & 0x0F) | ((a >> 6) << 4))
+    m = (1 - hi) * (b & 63) + hi * ((c >> 4) | ((b >> 6) << 4))
     return sc, m
 
 
@@ -115,7 +146,7 @@ def _vdot1_q2_k(row, xq, xd, xs):
             p = idot(izero8(), _crumbs32(row, o + 16, j), bload(xq, 32 * a))
             dx = d * xd[a]
             acc = f8fma_i2(p, dx * F32(sa & 15), dx * F32(sb & 15), acc)
-            corr += dmin * (F32(sa >> 4) * xs[2 * a] + F32(sb >> 4) * xs[2 * a + 1])
+        corr += dmin * fsum(fmul(itof(ishr(iload_u8(row, o), 4)), fload(xs, 16 * blk)))  # the 16 mins
     return f8sum(acc) - corr
 
 
@@ -179,18 +210,16 @@ def _vdot1_q6_k(row, xq, xd, xs):
     corr = F32(0)
     for blk in range(xq.shape[0] // 256):
         o = blk * 210
-        d = half_at(row, o + 208)
+        scales = fmul(itof(iload_i8(row, o + 192)), fsplat(half_at(row, o + 208)))  # d * sc_j, 16 lanes
         for j in range(8):
             a = 8 * blk + j
             h, k = j // 4, j % 4
             lo = bfield(bload(row, o + 64 * h + 32 * (k % 2)), 4 * (k // 2), 15)
             hi = bshl(bfield(bload(row, o + 128 + 32 * h), 2 * k, 3), 4)
-            sa = (row[o + 192 + 2 * j] ^ 0x80) - 0x80
-            sb = (row[o + 193 + 2 * j] ^ 0x80) - 0x80
             p = idot(izero8(), bor(lo, hi), bload(xq, 32 * a))
-            dx = d * xd[a]
-            acc = f8fma_i2(p, dx * F32(sa), dx * F32(sb), acc)
-            corr += d * (F32(sa) * xs[2 * a] + F32(sb) * xs[2 * a + 1])
+            acc = f8fma_iv(p, f8scale(f8pair(scales, j), xd[a]), acc)
+        # the offset 32 against the 16 sub-block scales, as one 16-lane dot product per super-block
+        corr += fsum(fmul(scales, fload(xs, 16 * blk)))
     return f8sum(acc) - F32(32) * corr
 
 

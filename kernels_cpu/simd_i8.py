@@ -107,7 +107,9 @@ def bbits(typingctx, arr, idx, val):
 
     def cg(context, builder, sig, args):
         bits = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
-        on = builder.bitcast(bits, ir.VectorType(ir.IntType(1), 32))  # AVX-512: a mask register, then one move
+        on = builder.bitcast(
+            bits, ir.VectorType(ir.IntType(1), 32)
+        )  # AVX-512: a mask register, then one move
         return builder.select(on, _c(_VB, sig.args[2].literal_value), _c(_VB, 0))
 
     return b32(arr, idx, val), cg
@@ -228,3 +230,50 @@ def f8sum(typingctx, a):
         return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], fastmath=_FAST)
 
     return types.float32(a), cg
+
+
+@intrinsic
+def f8pair(typingctx, v16, j):
+    """From a float32x16 of 16 sub-block scales, lanes 2j (on lanes 0-3) and 2j+1 (on lanes 4-7): the scale
+    of each 4-lane group of a 32-value idot whose two halves are sub-blocks of 16."""
+
+    def cg(context, builder, sig, args):
+        j2 = builder.mul(
+            builder.trunc(context.cast(builder, args[1], sig.args[1], types.int64), _I32),
+            ir.Constant(_I32, 2),
+        )
+        idx = builder.add(_splat(builder, j2, _VI), ir.Constant(_VI, [0, 0, 0, 0, 1, 1, 1, 1]))
+        wide = ir.VectorType(_F32, 16)
+        out = ir.Constant(_VF, ir.Undefined)
+        for i in range(8):  # a variable-index gather of 8 lanes: one vpermps where available
+            lane = builder.extract_element(idx, ir.Constant(_I32, i))
+            out = builder.insert_element(out, builder.extract_element(args[0], lane), ir.Constant(_I32, i))
+        return out
+
+    return f32x8(v16, j), cg
+
+
+@intrinsic
+def f8fma_iv(typingctx, p, s, acc):
+    """acc + float(p) * s, s a float32x8."""
+
+    def cg(context, builder, sig, args):
+        return builder.fadd(
+            builder.fmul(builder.sitofp(args[0], _VF), args[1], flags=_FAST), args[2], flags=_FAST
+        )
+
+    return f32x8(p, s, acc), cg
+
+
+@intrinsic
+def f8scale(typingctx, v, s):
+    """float32x8 v * scalar s."""
+
+    def cg(context, builder, sig, args):
+        return builder.fmul(
+            args[0],
+            _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF),
+            flags=_FAST,
+        )
+
+    return f32x8(v, s), cg
