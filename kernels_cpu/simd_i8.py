@@ -243,7 +243,6 @@ def f8pair(typingctx, v16, j):
             ir.Constant(_I32, 2),
         )
         idx = builder.add(_splat(builder, j2, _VI), ir.Constant(_VI, [0, 0, 0, 0, 1, 1, 1, 1]))
-        wide = ir.VectorType(_F32, 16)
         out = ir.Constant(_VF, ir.Undefined)
         for i in range(8):  # a variable-index gather of 8 lanes: one vpermps where available
             lane = builder.extract_element(idx, ir.Constant(_I32, i))
