@@ -124,3 +124,12 @@ def quantize_rows(dst, x, fmt):
             quantize_row_f16(dst[r], x[r])
         else:
             quantize_row_f32(dst[r], x[r])
+
+
+@exact
+def store_kv(kc, vc, pos0, k, v, fmt):
+    """Write k, v (T, G, Dh) float32 into the cache rows kc, vc (n_ctx, G, row_bytes) at positions pos0..."""
+    for t in range(k.shape[0]):
+        for g in range(k.shape[1]):
+            quantize_rows(kc[pos0 + t, g : g + 1], k[t, g : g + 1], fmt)
+            quantize_rows(vc[pos0 + t, g : g + 1], v[t, g : g + 1], fmt)

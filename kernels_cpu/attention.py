@@ -30,12 +30,14 @@ from .simd import (
     fmul,
     fput,
     fregs,
+    from_half,
     fsplat,
     fstore,
     fsub,
     fsum,
     ftranspose16,
     fzero,
+    to_half,
 )
 
 TILE_S = 16  # keys per tile
@@ -89,7 +91,9 @@ def _attend(out, q, kc, vc, pos0, scale, window, fmt):
         nq = nt * group  # rows: (query position, head of the group)
         qs = np.empty((nq, dk), F32_)
         for i in range(nq):
-            qs[i] = q[t0 + i // group, g * group + i % group] * scale
+            qi = q[t0 + i // group, g * group + i % group]
+            for d in range(dk):  # an f16 cache: ggml's f16 dot products take Q rounded to f16 too
+                qs[i, d] = (from_half(to_half(qi[d])) if fmt == F16 else qi[d]) * scale
         acc = np.zeros((nq, dv), F32_)
         run_max = np.full(nq, -np.inf, F32_)
         run_sum = np.zeros(nq, F32_)

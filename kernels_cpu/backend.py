@@ -243,17 +243,8 @@ class CpuBackend:
     ) -> np.ndarray:
         """Store k, v (T, G, Dh) at positions pos0.. then attend q (T, H, Dh) causally -> (T, H*Dv)."""
         t, n_head, _ = q.shape
-        end = pos0 + t
         kc, vc = cache.k[layer], cache.v[layer]
-        act_quant.quantize_rows(
-            kc[pos0:end].reshape(-1, kc.shape[2]), _f32(k).reshape(-1, k.shape[2]), cache.code
-        )
-        act_quant.quantize_rows(
-            vc[pos0:end].reshape(-1, vc.shape[2]), _f32(v).reshape(-1, v.shape[2]), cache.code
-        )
-        q = _f32(q)
-        if cache.type == "f16":  # ggml's f16 dot products take Q rounded to f16
-            q = q.astype(np.float16).astype(np.float32)
+        act_quant.store_kv(kc, vc, pos0, _f32(k), _f32(v), cache.code)
         out = np.empty((t, n_head, v.shape[2]), np.float32)
-        attention.ATTEND[cache.type](out, q, kc, vc, pos0, np.float32(scale), int(window))
+        attention.ATTEND[cache.type](out, _f32(q), kc, vc, pos0, np.float32(scale), int(window))
         return out.reshape(t, -1)
