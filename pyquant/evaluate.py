@@ -315,7 +315,9 @@ def plot(ref: dict, rows: list[Row], out) -> None:
     a.axhline(ref["ppl"], color="gray", ls="--", lw=1, label=f"reference {ref['ppl']:.2f}")
     a.set_xlabel("bits per weight (decoder blocks)")
     a.set_ylabel("WikiText-2 perplexity")
-    a.set_yscale("log")
+    ppls = [r.ppl for r in rows if math.isfinite(r.ppl)] + [ref["ppl"]]
+    if max(ppls) > 3 * min(ppls):  # a broken row would flatten the rest
+        a.set_yscale("log")
     a.legend()
     names = [r.name for r in rows]
     b.barh(names, [max(r.kld, 1e-6) for r in rows])
