@@ -8,5 +8,6 @@ linear.py       matvec (decode) and panel matmul (prefill) on packed rows
 act_quant.py    float32 rows -> q8_0 / q4_0 / f16 bytes (KV cache writes)
 attention.py    online-softmax attention over the packed KV cache
 ops.py          RMSNorm, RoPE, SiLU/GELU gated units
+composite.py    PTQ composite linears (w8a8, int8_mixed, w4a4, gq) and the quantized KV cache
 backend.py      CpuBackend, the interface pyquant.model calls
 """

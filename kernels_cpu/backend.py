@@ -3,6 +3,10 @@
 Weights stay in their GGUF bytes (memory-mapped); every linear runs on the packed rows (linear.py), the
 KV cache keeps f32/f16/q8_0/q4_0 rows that attention reads in place (attention.py), and the small ops are
 fused one-pass kernels (ops.py). Activations are C-contiguous float32 numpy arrays.
+
+Files from `pyquant quantize` with composite linears (pyquant/ptq/runtime.py: gq, w8a8, int8_mixed, w4a4)
+and Atom's quantized KV cache are dispatched as the numpy backend dispatches them (a weight with a
+`.linear` method, a runtime.QuantKVCache) to composite.py's kernels, through the adapters at the end.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import numpy as np
 from pyquant.backend import rope_cos_sin
 from pyquant.errors import PyquantError
 from pyquant.gguf import TensorInfo
+from pyquant.ptq import runtime
 
-from . import act_quant, attention, linear, ops
+from . import act_quant, attention, composite, linear, ops
 from .formats import FORMATS
 from .jit import set_threads
 
@@ -92,6 +97,7 @@ class CpuBackend:
         self._weights: dict[str, PackedWeight] = {}  # by GGUF name, to find the groups below
         self._groups: dict[int, list[PackedWeight]] = {}
         self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._composites: dict[int, tuple[object, object]] = {}  # id -> (runtime weight, its kernel adapter)
 
     # --- weights ---------------------------------------------------------------------------------------
     def weight(self, t: TensorInfo) -> PackedWeight:
@@ -109,7 +115,9 @@ class CpuBackend:
 
     def linear(self, x: np.ndarray, w: PackedWeight, bias: np.ndarray | None = None) -> np.ndarray:
         pending = self._pending.pop(id(w), None)
-        if pending is not None and pending[0] is x:  # computed with the first weight of its group
+        if hasattr(w, "linear"):  # composite PTQ weights (pyquant/ptq/runtime.py)
+            y = self._composite(w)(_f32(x))
+        elif pending is not None and pending[0] is x:  # computed with the first weight of its group
             y = pending[1]
         else:
             y = np.empty((x.shape[0], w.shape[0]), np.float32)  # (T, N)
@@ -129,6 +137,12 @@ class CpuBackend:
         if bias is not None:
             y += bias
         return y
+
+    def _composite(self, w):
+        entry = self._composites.get(id(w))
+        if entry is None:
+            entry = self._composites[id(w)] = (w, composite_linear(w))
+        return entry[1]
 
     def _group(self, w: PackedWeight) -> list[PackedWeight]:
         """w and the quantized weights the model applies to the same activations right after it (attn_k and
@@ -243,8 +257,124 @@ class CpuBackend:
     ) -> np.ndarray:
         """Store k, v (T, G, Dh) at positions pos0.. then attend q (T, H, Dh) causally -> (T, H*Dv)."""
         t, n_head, _ = q.shape
+        if isinstance(cache, runtime.QuantKVCache):
+            return self._attention_quant(q, k, v, cache, layer, pos0, scale, window)
         kc, vc = cache.k[layer], cache.v[layer]
         act_quant.store_kv(kc, vc, pos0, _f32(k), _f32(v), cache.code)
         out = np.empty((t, n_head, v.shape[2]), np.float32)
         attention.ATTEND[cache.type](out, _f32(q), kc, vc, pos0, np.float32(scale), int(window))
         return out.reshape(t, -1)
+
+    def _attention_quant(self, q, k, v, cache, layer, pos0, scale, window):
+        """Atom's quantized KV cache: k, v stored as codes, positions 0..end decoded to float32 rows for the
+        float32 attention kernel."""
+        t, n_head, _ = q.shape
+        end = pos0 + t
+        if k.shape[2] % 32 or v.shape[2] % 32:
+            raise PyquantError(f"head sizes {k.shape[2]}/{v.shape[2]} are not multiples of 32")
+        rows = []
+        for store, x in ((cache.k[layer], k), (cache.v[layer], v)):
+            composite.store_kv_quant(store.codes, store.scale, store.min, pos0, _f32(x), store.bits)
+            f = np.empty((end, *store.codes.shape[1:]), np.float32)
+            composite.dequantize_kv(f, store.codes[:end], store.scale[:end], store.min[:end])
+            rows.append(f.view(np.uint8))
+        out = np.empty((t, n_head, v.shape[2]), np.float32)
+        attention.ATTEND["f32"](out, _f32(q), rows[0], rows[1], pos0, np.float32(scale), int(window))
+        return out.reshape(t, -1)
+
+
+# --- composite PTQ linears -------------------------------------------------------------------------------------
+
+
+class IntLinear:
+    """w8a8, int8_mixed and w4a4 for composite.matmul_int: channels read in `perm` order and cut into
+    segments (starts), each with weight bytes code + offset, a weight scale per row, and activation codes of
+    `bits` bits with clip ratio `clip` quantized per token."""
+
+    def __init__(self, perm, codes, offsets, ws, starts, bits, clip):
+        self.perm = np.ascontiguousarray(perm, np.int64)
+        self.wu = np.ascontiguousarray(codes.astype(np.int16) + np.repeat(offsets, np.diff(starts))).astype(
+            np.uint8
+        )
+        self.ws = np.ascontiguousarray(ws, np.float32)
+        self.starts, self.offsets = np.asarray(starts, np.int64), np.asarray(offsets, np.int64)
+        self.bits, self.clip = np.asarray(bits, np.int64), np.asarray(clip, np.float64)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t, j = x.shape[0], len(self.starts) - 1
+        q, s, qsum = (
+            np.empty((t, len(self.perm)), np.int8),
+            np.empty((t, j), np.float32),
+            np.empty((t, j), np.int64),
+        )
+        composite.quantize_act(q, s, qsum, x, self.perm, self.starts, self.bits, self.clip)
+        y = np.empty((t, self.wu.shape[0]), np.float32)  # (T, N)
+        composite.matmul_int(y, self.wu, self.ws, self.starts, self.offsets, q, s, qsum)
+        return y
+
+
+class MixedLinear(IntLinear):
+    """LLM.int8(): columns with any |x| > threshold taken out of the int8 product and added in float."""
+
+    def __init__(self, w: runtime.Int8Mixed):
+        k = w.shape[1]
+        super().__init__(np.arange(k), w.w.codes, [128], w.w.scale, [0, k], [8], [1.0])
+        self.threshold = np.float32(w.threshold)
+        self.row_scale = np.ascontiguousarray(self.ws[:, 0])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        mask = np.empty(x.shape[1], np.bool_)
+        if not composite.outlier_columns(mask, x, self.threshold):
+            return super().__call__(x)
+        cols = np.flatnonzero(mask)
+        regular = x.copy()
+        regular[:, cols] = 0
+        y = super().__call__(regular)
+        composite.add_float_columns(y, x, cols, self.wu, self.row_scale)
+        return y
+
+
+class GroupLinear:
+    """Weight-only "gq": codes packed as in the file, decoded a row at a time (composite.matmul_gq)."""
+
+    def __init__(self, w: runtime.GroupInt):
+        n, k = w.codes.shape
+        if w.bits != 8 and k % 8:
+            raise PyquantError(f"gq weights of {k} columns: the CPU kernels take multiples of 8")
+        self.bits, self.lo = w.bits, runtime.code_range(w.bits, w.sym)[0]
+        self.packed = runtime.pack_codes(w.codes, w.bits, w.sym).view(np.uint8)
+        self.scale = np.ascontiguousarray(w.scale, np.float32)
+        self.mins = np.ascontiguousarray(w.zero if w.zero is not None else np.empty((n, 0)), np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = np.empty((x.shape[0], self.packed.shape[0]), np.float32)
+        composite.matmul_gq(y, self.packed, self.scale, self.mins, x, self.bits, self.lo)
+        return y
+
+
+def composite_linear(w):
+    """The kernel adapter of a runtime composite weight (WeightOnly, W8A8, Int8Mixed, W4A4)."""
+    if isinstance(w, runtime.WeightOnly):
+        return GroupLinear(w.w)
+    if isinstance(w, runtime.Int8Mixed):
+        return MixedLinear(w)
+    if isinstance(w, runtime.W8A8):
+        k = w.shape[1]
+        return IntLinear(np.arange(k), w.w.codes, [128], w.w.scale, [0, k], [8], [1.0])
+    if isinstance(w, runtime.W4A4):
+        g, n_normal = w.a_group, w.n_normal
+        if w.normal.group != g:
+            raise PyquantError(f"w4a4 weight group {w.normal.group} differs from the activation group {g}")
+        n_groups = n_normal // g
+        starts = list(range(0, n_normal + 1, g))
+        offsets, ws, bits = [2 ** (w.normal.bits - 1)] * n_groups, [w.normal.scale], [w.a_bits] * n_groups
+        clip, codes = [w.a_clip] * n_groups, [w.normal.codes]
+        if w.outlier is not None:
+            starts.append(w.shape[1])
+            offsets, bits, clip = offsets + [128], bits + [8], clip + [1.0]
+            ws.append(w.outlier.scale)
+            codes.append(w.outlier.codes)
+        return IntLinear(
+            w.perm, np.concatenate(codes, axis=1), offsets, np.concatenate(ws, axis=1), starts, bits, clip
+        )
+    raise PyquantError(f"the CPU backend has no kernels for composite weights of type {type(w).__name__}")

@@ -6,6 +6,7 @@ instead of compiling) and release the GIL (`nogil`). Three flavours:
     exact      no fastmath: kernels whose result is promised bit-exact (activation quantizers, KV writes)
     fast       reassociation and contraction allowed: dot products and reductions checked within a tolerance
     parallel   `fast` plus `prange` over disjoint output slices; the thread count is numba's (set_num_threads)
+    parallel_exact  `prange` without fastmath: parallel kernels promised bit-exact (integer linears)
     inline     small helpers inlined into their callers at numba-IR level (literal arguments fold there)
 
 Threads: numba's OpenMP layer, told to sleep rather than spin between parallel regions (OMP_WAIT_POLICY
@@ -86,6 +87,7 @@ FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 exact = numba.njit(cache=True, nogil=True)
 fast = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 parallel = numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+parallel_exact = numba.njit(cache=True, nogil=True, parallel=True)
 inline = numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
 inline_exact = numba.njit(cache=True, nogil=True, inline="always")
 

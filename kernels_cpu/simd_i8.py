@@ -191,6 +191,17 @@ def idot(typingctx, acc, a, b):
     return i32x8(acc, a, b), cg
 
 
+@intrinsic
+def isum8(typingctx, a):
+    """The sum of the 8 int32 lanes (int32)."""
+
+    def cg(context, builder, sig, args):
+        fn = _intrinsic_fn(builder, "llvm.vector.reduce.add.v8i32", _I32, [_VI])
+        return builder.call(fn, [args[0]])
+
+    return types.int32(a), cg
+
+
 # --- float32 x 8 --------------------------------------------------------------------------------------------------
 @intrinsic
 def f8zero(typingctx):
