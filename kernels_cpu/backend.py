@@ -98,6 +98,7 @@ class CpuBackend:
         self._groups: dict[int, list[PackedWeight]] = {}
         self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._composites: dict[int, tuple[object, object]] = {}  # id -> (runtime weight, its kernel adapter)
+        self._act_memo: dict = {}  # the composite linears' last quantized activations
 
     # --- weights ---------------------------------------------------------------------------------------
     def weight(self, t: TensorInfo) -> PackedWeight:
@@ -116,7 +117,7 @@ class CpuBackend:
     def linear(self, x: np.ndarray, w: PackedWeight, bias: np.ndarray | None = None) -> np.ndarray:
         pending = self._pending.pop(id(w), None)
         if hasattr(w, "linear"):  # composite PTQ weights (pyquant/ptq/runtime.py)
-            y = self._composite(w)(_f32(x))
+            y = self._composite(w)(_f32(x), self._act_memo)
         elif pending is not None and pending[0] is x:  # computed with the first weight of its group
             y = pending[1]
         else:
@@ -299,22 +300,29 @@ class IntLinear:
         self.ws = np.ascontiguousarray(ws, np.float32)
         self.starts, self.offsets = np.asarray(starts, np.int64), np.asarray(offsets, np.int64)
         self.bits, self.clip = np.asarray(bits, np.int64), np.asarray(clip, np.float64)
+        self.act_key = b"".join(a.tobytes() for a in (self.perm, self.starts, self.bits, self.clip))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        t, j = x.shape[0], len(self.starts) - 1
-        q, s, qsum = (
-            np.empty((t, len(self.perm)), np.int8),
-            np.empty((t, j), np.float32),
-            np.empty((t, j), np.int64),
-        )
-        composite.quantize_act(q, s, qsum, x, self.perm, self.starts, self.bits, self.clip)
-        y = np.empty((t, self.wu.shape[0]), np.float32)  # (T, N)
+    def __call__(self, x: np.ndarray, memo: dict | None = None) -> np.ndarray:
+        """memo: the last activations quantized, kept by the backend: q/k/v (and gate/up) read the same x in
+        the same channel order, quantized once."""
+        memo = {} if memo is None else memo
+        if memo.get("x") is x and memo.get("key") == self.act_key:
+            q, s, qsum = memo["act"]
+        else:
+            t, j = x.shape[0], len(self.starts) - 1
+            q, s = np.empty((t, len(self.perm)), np.int8), np.empty((t, j), np.float32)
+            qsum = np.empty((t, j), np.int64)
+            composite.quantize_act(q, s, qsum, x, self.perm, self.starts, self.bits, self.clip)
+            memo.update(x=x, key=self.act_key, act=(q, s, qsum))
+        y = np.empty((x.shape[0], self.wu.shape[0]), np.float32)  # (T, N)
         composite.matmul_int(y, self.wu, self.ws, self.starts, self.offsets, q, s, qsum)
         return y
 
 
 class MixedLinear(IntLinear):
-    """LLM.int8(): columns with any |x| > threshold taken out of the int8 product and added in float."""
+    """LLM.int8(): columns with any |x| > threshold taken out of the int8 product and added in float, as
+    bitsandbytes does with a float GEMM: the few outlier columns of x and of the dequantized weight gathered
+    into contiguous matrices for one BLAS product (a prefill chunk of a real model can hold hundreds)."""
 
     def __init__(self, w: runtime.Int8Mixed):
         k = w.shape[1]
@@ -322,15 +330,18 @@ class MixedLinear(IntLinear):
         self.threshold = np.float32(w.threshold)
         self.row_scale = np.ascontiguousarray(self.ws[:, 0])
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, memo: dict | None = None) -> np.ndarray:
         mask = np.empty(x.shape[1], np.bool_)
         if not composite.outlier_columns(mask, x, self.threshold):
-            return super().__call__(x)
+            return super().__call__(x, memo)
         cols = np.flatnonzero(mask)
         regular = x.copy()
         regular[:, cols] = 0
         y = super().__call__(regular)
-        composite.add_float_columns(y, x, cols, self.wu, self.row_scale)
+        w_out = (self.wu[:, cols].astype(np.int16) - 128).astype(np.float32) * self.row_scale[
+            :, None
+        ]  # (N, C)
+        y += x[:, cols] @ w_out.T
         return y
 
 
@@ -346,7 +357,7 @@ class GroupLinear:
         self.scale = np.ascontiguousarray(w.scale, np.float32)
         self.mins = np.ascontiguousarray(w.zero if w.zero is not None else np.empty((n, 0)), np.float32)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, memo: dict | None = None) -> np.ndarray:
         y = np.empty((x.shape[0], self.packed.shape[0]), np.float32)
         composite.matmul_gq(y, self.packed, self.scale, self.mins, x, self.bits, self.lo)
         return y

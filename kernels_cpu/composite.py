@@ -35,12 +35,12 @@ ROWS_PER_ITEM = 16  # gq: rows per work item (one decode buffer each)
 
 
 # --- activations ---------------------------------------------------------------------------------------------
-@exact
+@parallel_exact
 def quantize_act(q, s, qsum, x, perm, starts, bits, clip):
     """Dynamic symmetric codes of xp = x[:, perm] (T, K) per token and segment: for segment j, of bits[j] bits
     with clip ratio clip[j], s[t, j] = clip * max|xp| / hi (float32, hi = 2^(bits-1) - 1) and
     q[t, k] = clip(rint(xp / s), -hi - 1, hi) (0 where s is 0), qsum[t, j] the sum of the segment's codes."""
-    for t in range(x.shape[0]):
+    for t in prange(x.shape[0]):
         xt = x[t]
         for j in range(starts.shape[0] - 1):
             hi = F32(2 ** (bits[j] - 1) - 1)
@@ -95,17 +95,6 @@ def matmul_int(y, wu, ws, starts, offsets, xq, xs, xsum):
                 acc1 += np.float64(d1 - off) * sx * np.float64(ws[r1, j])
             y[t, r0] = F32(acc0)
             y[t, r1] = F32(acc1)
-
-
-@parallel
-def add_float_columns(y, x, cols, wu, ws):
-    """LLM.int8()'s float part: y[t, n] += sum_c x[t, c] * ((wu[n, c] - 128) * ws[n]) over the columns cols."""
-    for n in prange(wu.shape[0]):
-        for t in range(x.shape[0]):
-            acc = F32(0)
-            for c in cols:
-                acc += x[t, c] * (F32(np.int64(wu[n, c]) - 128) * ws[n])
-            y[t, n] += acc
 
 
 @exact
