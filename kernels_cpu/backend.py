@@ -18,9 +18,9 @@ from pyquant.errors import PyquantError
 from pyquant.gguf import TensorInfo
 from pyquant.ptq import runtime
 
-from . import act_quant, attention, composite, linear, ops
+from . import act_quant, attention, composite, jit, linear, ops
 from .formats import FORMATS
-from .jit import set_threads
+
 
 CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
 # From this many tokens on, linears decode 32-row float32 panels once and reuse them (matmul); below, each
@@ -90,7 +90,7 @@ class CpuBackend:
             raise PyquantError(
                 f"unknown KV cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPES)}"
             )
-        self.threads = set_threads(threads)
+        self.threads = jit.set_threads(threads)
         self.cache_type = cache_type
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._act = None
@@ -232,6 +232,9 @@ class CpuBackend:
 
     def scale(self, x: np.ndarray, s: float) -> np.ndarray:
         return np.multiply(x, np.float32(s), dtype=np.float32)
+
+    def compile_counts(self) -> tuple[int, int]:
+        return jit.compile_counts()
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x

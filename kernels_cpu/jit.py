@@ -84,12 +84,32 @@ if _InTreeLocator not in _LOCATORS:
 
 FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 
-exact = numba.njit(cache=True, nogil=True)
-fast = numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
-parallel = numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-parallel_exact = numba.njit(cache=True, nogil=True, parallel=True)
-inline = numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
-inline_exact = numba.njit(cache=True, nogil=True, inline="always")
+_KERNELS: list = []  # every dispatcher made here, for compile_counts()
+
+
+def _registered(**options):
+    def decorate(func):
+        dispatcher = numba.njit(cache=True, nogil=True, **options)(func)
+        _KERNELS.append(dispatcher)
+        return dispatcher
+
+    return decorate
+
+
+exact = _registered()
+fast = _registered(fastmath=FASTMATH)
+parallel = _registered(fastmath=FASTMATH, parallel=True)
+parallel_exact = _registered(parallel=True)
+inline = _registered(fastmath=FASTMATH, inline="always")
+inline_exact = _registered(inline="always")
+
+
+def compile_counts() -> tuple[int, int]:
+    """(kernel specializations loaded from the disk cache, compiled) so far in this process."""
+    hits = sum(sum(k._cache_hits.values()) for k in _KERNELS)
+    # a `literally` kernel misses first on plain int arguments, then is retyped with literals: no compile
+    misses = sum(n for k in _KERNELS for sig, n in k._cache_misses.items() if sig in k.overloads)
+    return hits, misses
 
 
 def set_threads(n: int | None) -> int:

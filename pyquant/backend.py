@@ -165,6 +165,10 @@ class NumpyBackend:
     def scale(self, x: np.ndarray, s: float) -> np.ndarray:
         return x * np.float32(s)
 
+    def compile_counts(self) -> tuple[int, int] | None:
+        """(kernels loaded from a disk cache, kernels compiled) in this process; None: nothing is compiled."""
+        return None
+
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
 

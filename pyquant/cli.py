@@ -10,8 +10,11 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 from .errors import PyquantError
+
+LAUNCHED = time.perf_counter()  # `pyquant run` reports its time to first token from here
 
 # name -> (module, one-line help)
 COMMANDS = {

@@ -4,6 +4,9 @@ the `pyquant run` subcommand.
 `pyquant run` prints only generated text on stdout; its last stderr line is the stats line
 `prompt: N tokens, X tok/s | generate: M tokens, Y tok/s | ttft: Z s` (prompt rate is prefill time alone,
 generate rate is decode time alone, ttft is from the start of prefill to the first sampled token).
+The line before it reports the start-up: model load, and the time to first token from the command's launch,
+labelled a cold start when kernels had to be compiled (first run after installing or editing them) and a
+warm start when every kernel came from the disk cache.
 """
 
 from __future__ import annotations
@@ -152,14 +155,36 @@ def add_arguments(p):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def startup_line(load_s: float, first_token_s: float | None, counts: tuple[int, int] | None) -> str:
+    ttft = f"{first_token_s:.2f} s" if first_token_s is not None else "n/a (no token)"
+    if counts is None:
+        kind = "no kernels to compile"
+    elif counts[1]:
+        kind = f"cold start: {counts[1]} kernels compiled, {counts[0]} from cache"
+    else:
+        kind = f"warm start: {counts[0]} kernels from cache"
+    return f"load: {load_s:.2f} s | first token after launch: {ttft} ({kind})"
+
+
+def _compile_counts(model):
+    counts = getattr(model.backend, "compile_counts", None)
+    return counts() if counts else None
+
+
 def run(args) -> int:
+    from .cli import LAUNCHED
+
     t_load = time.perf_counter()
     model = load_model(args)
     load_s = time.perf_counter() - t_load
     stats = GenerationStats()
     stream = TextStream(model.tokenizer, args.stop)
     prompt_ids = model.tokenize(args.prompt)
+    first_token_s = None
     for tok in generate_tokens(model, prompt_ids, max_tokens=args.n_predict, stats=stats, **sampling_options(args)):
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - LAUNCHED
+            counts = _compile_counts(model)  # decode kernels come later; prefill's decide the label
         sys.stdout.write(stream.push(tok))
         sys.stdout.flush()
         if stream.stopped:
@@ -167,7 +192,9 @@ def run(args) -> int:
             break
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
-    print(f"load: {load_s:.2f} s (backend {model.backend.name})", file=sys.stderr)
+    if first_token_s is None:
+        counts = _compile_counts(model)
+    print(f"{startup_line(load_s, first_token_s, counts)} | backend {model.backend.name}", file=sys.stderr)
     print(stats.line(), file=sys.stderr)
     return 0
 

@@ -18,6 +18,9 @@ from pyquant.generate import TextStream
 from pyquant.sampling import Sampler, SamplingParams
 
 BACKEND = "numpy"
+STARTUP_LINE = re.compile(
+    r"^load: [\d.]+ s \| first token after launch: [\d.]+ s \((cold|warm) start: .*\) \| backend \w+$"
+)
 STATS_LINE = re.compile(r"^prompt: \d+ tokens, [\d.]+ tok/s \| generate: \d+ tokens, [\d.]+ tok/s \| ttft: [\d.]+ s$")
 
 
@@ -149,6 +152,16 @@ def test_cli_run_stats_line_and_stdout(cli, qwen_path, qwen):
     assert STATS_LINE.match(r.stderr.strip().splitlines()[-1]), r.stderr
     expected = qwen.detokenize(list(qwen.generate("def add(a, b):", max_tokens=8, temperature=0)))
     assert r.stdout == expected + "\n"
+
+
+def test_cli_run_second_start_loads_every_kernel_from_the_disk_cache(cli, qwen_path):
+    """The start-up line above the stats line: the first run may compile; the next one must compile nothing."""
+    lines = []
+    for _ in range(2):
+        r = cli("run", "-m", str(qwen_path), "-p", "Hello", "-n", "2", "--temp", "0", "--backend", "cpu", timeout=900)
+        assert r.returncode == 0, r.stderr
+        lines.append(r.stderr.strip().splitlines()[-2])
+    assert STARTUP_LINE.match(lines[1]) and "warm start" in lines[1], lines
 
 
 def test_cli_chat_piped_two_turns(cli, qwen_path):
