@@ -44,6 +44,9 @@ def build(name: str, work: Path) -> tuple[Path, Path]:
     from converters.hf_to_gguf import convert
 
     hf = work / f"hf-{name}"
+    gguf = work / f"{name}-q4_k_m.gguf"
+    if gguf.exists() and (hf / "model.safetensors").exists():  # built by an earlier run in this machine
+        return hf, gguf
     hf.mkdir(parents=True, exist_ok=True)
     for f in (MODELS / name).iterdir():
         if f.suffix == ".xz":
@@ -57,7 +60,6 @@ def build(name: str, work: Path) -> tuple[Path, Path]:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
     model.save_pretrained(hf, safe_serialization=True)
     del model
-    gguf = work / f"{name}-q4_k_m.gguf"
     convert(hf, gguf, "q4_k_m")
     log(f"built {name}: {time.time() - t0:.1f} s")
     return hf, gguf
@@ -104,22 +106,28 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
     q = getattr(be, "queue", None)
     if q is not None:
         res["graph_launches"] = q.n_graph_launches
+        res["replays"] = getattr(be, "n_replays", 0)
         res["kernels_per_token"] = len(q.last_sig or ())
-        if q.graph is not None:  # the device side alone: the captured step replayed
+        step = getattr(be, "_step", None)
+        graph = step.graph if step is not None and step.graph is not None else q.graph
+        if graph is not None:  # the device side alone: the captured step replayed
             q.synchronize()
             t0 = time.perf_counter()
             for _ in range(50):
-                q.graph.launch(q.core_stream)
+                graph.launch(q.core_stream)
             q.synchronize()
             res["graph_ms_per_token"] = (time.perf_counter() - t0) / 50 * 1e3
-        res["decode_kernel_us_eager"] = decode_profile(q)
+            # everything but the graph: parameter copy, launch, logits copy, argmax (and any Python rebuild)
+            res["host_ms_per_token"] = tg_s / n_tg * 1e3 - res["graph_ms_per_token"]
+        res["kernel_us"] = kernel_profile(q, q.last_sig)
         res["kernel_resources"] = kernel_resources()
-        t0 = time.perf_counter()  # the host side alone: ops queued, nothing launched
+        t0 = time.perf_counter()  # building the step in Python: ops queued, nothing launched
         flush, q.flush = q.flush, lambda: q.items.clear()
+        build = getattr(m, "_forward", None)  # (a baseline without step replay: forward itself)
         for i in range(20):
-            m.forward(np.array([tok]), i, cache)
+            build(np.array([tok]), i, cache, False) if build else m.forward(np.array([tok]), i, cache)
         q.flush = flush
-        res["host_ms_per_token"] = (time.perf_counter() - t0) / 20 * 1e3
+        res["build_ms_per_token"] = (time.perf_counter() - t0) / 20 * 1e3
     return res
 
 
@@ -138,23 +146,29 @@ def kernel_resources() -> dict:
     return out
 
 
-def decode_profile(q) -> dict:
-    """Time of one decode step's kernels, by kernel and grid, in microseconds: events around each eager launch,
-    so every entry also holds a launch gap (~30 us); only the large ones say much."""
-    from numba import cuda
-
+def kernel_profile(q, items, reps: int = 20) -> dict:
+    """GPU time of one decode step's kernels by kernel and grid, in microseconds: each launch captured `reps`
+    times into a graph of its own, replayed, timed and divided (so no host launch gap is counted)."""
     times: dict = {}
-    for kern, grid, block, args in q.last_sig:
-        a, b = cuda.event(), cuda.event()
-        a.record(q.stream)
-        kern[grid, block, q.stream](*args)
-        b.record(q.stream)
-        b.synchronize()
+    for kern, grid, block, args in items:
+        gb = q.device.create_graph_builder()
+        gb.begin_building()
+        for _ in range(reps):
+            kern[grid, block, gb](*args)
+        g = gb.end_building().complete()
+        g.launch(q.core_stream)
+        q.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            g.launch(q.core_stream)
+        q.synchronize()
+        us = (time.perf_counter() - t0) / (3 * reps) * 1e6
         name = getattr(kern, "__name__", None) or getattr(getattr(kern, "py_func", None), "__name__", "?")
         name = f"{name}{tuple(grid) if isinstance(grid, tuple) else (grid,)}"
-        times[name] = times.get(name, 0.0) + cuda.event_elapsed_time(a, b) * 1e3
-    top = dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
-    top["total"] = sum(times.values())
+        n, t = times.get(name, (0, 0.0))
+        times[name] = (n + 1, t + us)
+    top = {k: [n, round(t, 1)] for k, (n, t) in sorted(times.items(), key=lambda kv: -kv[1][1])[:16]}
+    top["total"] = round(sum(t for _, t in times.values()), 1)
     return top
 
 
@@ -256,7 +270,9 @@ def table(results: dict) -> str:
             lines.append(f"{name:8} cuda decode roofline: {r['weight_mb_per_token']:.0f} MB/token x "
                          f"{c['tg_tok_s']:.0f} tok/s = {r['roofline_fraction'] * 100:.1f}% of "
                          f"{results['hbm_tb_s']:.2f} TB/s; {c.get('kernels_per_token')} kernels/token; per token: "
-                         f"host {c.get('host_ms_per_token', 0):.2f} ms, graph replay {c.get('graph_ms_per_token', 0):.2f} ms")
+                         f"host {c.get('host_ms_per_token', 0):.2f} ms, graph replay {c.get('graph_ms_per_token', 0):.2f} ms "
+                         f"(kernels alone {c.get('kernel_us', {}).get('total', 0) / 1e3:.2f} ms); "
+                         f"a rebuilt step {c.get('build_ms_per_token', 0):.2f} ms")
             if isinstance(t, dict):
                 lines.append(f"{name:8} cuda / transformers: pp {c['pp_tok_s'] / t['pp_tok_s']:.2f}x, "
                              f"tg {c['tg_tok_s'] / t['tg_tok_s']:.2f}x")
@@ -298,12 +314,17 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["qwen", "gemma"])
     ap.add_argument("--cpu-tg", type=int, default=16, help="decode steps timed on the CPU backend")
     ap.add_argument("--no-cpu", action="store_true")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers fp16 and the int8 GEMM")
+    ap.add_argument("--code", type=Path, help="import pyquant and kernels_cuda from here (a baseline checkout)")
     args = ap.parse_args()
+    if args.code:
+        sys.path.insert(0, str(args.code.resolve()))
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"models": {}}
     try:
         results["hbm_tb_s"] = hbm_bandwidth() / 1e12
-        results["int8_gemm"] = int8_gemm()
+        if not args.no_peer:
+            results["int8_gemm"] = int8_gemm()
     except Exception as e:  # report and go on
         results["int8_gemm"] = f"{type(e).__name__}: {e}"
     log(json.dumps(results))
@@ -316,8 +337,9 @@ def main() -> int:
             r["cuda"] = run_pyquant(gguf, "cuda", 512, 128)
             r["roofline_fraction"] = r["weight_mb_per_token"] * 1e6 * r["cuda"]["tg_tok_s"] / (results["hbm_tb_s"] * 1e12)
             log(name, "cuda", r["cuda"])
-            r["transformers_fp16"] = run_transformers(hf, 512, 128)
-            log(name, "transformers", r["transformers_fp16"])
+            if not args.no_peer:
+                r["transformers_fp16"] = run_transformers(hf, 512, 128)
+                log(name, "transformers", r["transformers_fp16"])
         except Exception as e:
             traceback.print_exc()
             r.setdefault("error", f"{type(e).__name__}: {e}")

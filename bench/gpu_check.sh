@@ -3,6 +3,8 @@
 # which numba-cuda needs, and gguf), run the `cuda` tests for real, build the two same-shape random-weight
 # models, run bench/e2e_gpu.py (table on stdout, JSON + PNG in $OUT) and `pyquant run --device cuda`.
 #   bash bench/gpu_check.sh            E2E_ARGS="--no-cpu --models qwen" bash bench/gpu_check.sh
+#   BASE=.base bash bench/gpu_check.sh   (also times the code in .base, e.g. `git archive HEAD~3 | tar -x -C .base`)
+#   PYTEST_ARGS= bash bench/gpu_check.sh  (every test, not stopping at the first failure)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyquant-gpu}
@@ -16,9 +18,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import numpy, numba, numba.cuda as c, torch; print('numpy', numpy.__version__, 'numba', numba.__version__, \
 'torch', torch.__version__, c.get_current_device().name)"
 rc=0
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m cuda -x tests/test_kernels_cuda.py -p no:cacheprovider 2>&1 \
+timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m cuda ${PYTEST_ARGS--x} tests/test_kernels_cuda.py -p no:cacheprovider 2>&1 \
     | tee "$OUT/tests.log" | tail -25 || rc=1
 timeout ${E2E_TIMEOUT:-420} python3 bench/e2e_gpu.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -40 || rc=1
+if [ -n "${BASE:-}" ]; then  # a baseline checkout (git archive of an older commit), timed on the same machine
+    timeout ${BASE_TIMEOUT:-300} python3 bench/e2e_gpu.py --code "$BASE" --no-peer --no-cpu --out "$OUT/base" \
+        ${BASE_ARGS:-} 2>&1 | tee "$OUT/base.log" | tail -20 || rc=1
+fi
 gguf=/tmp/pyquant-e2e/qwen-q4_k_m.gguf
 if [ -f "$gguf" ]; then
     timeout 120 python3 -m pyquant.cli run --device cuda -m "$gguf" -p "Hello" -n 16 --temp 0 2>&1 | tail -3 || rc=1
