@@ -152,7 +152,9 @@ def test_matmul(type):
 
 @pytest.mark.parametrize("types", [("q5_0", "q5_0", "q8_0"), ("q4_k", "q6_k"), ("q8_0", "q4_0", "q5_1")])
 def test_matvec_group_equals_single_kernels(types):
-    """One parallel region over 2-3 weights of one input gives each weight's own matvec, bit for bit."""
+    """One parallel region over 2-3 weights of one input gives each weight's own matvec: the same integer dots and
+    scales, to float32 rounding (fastmath lets LLVM order the K-quant sub-block sums differently in the two
+    compiled kernels; a fresh compile in CI differed from the single kernel by 1 ulp on q4_k)."""
     rng = np.random.default_rng(11)
     k = 512
     ws = [packed(weights(t, n, k, seed=i), t) for i, (t, n) in enumerate(zip(types, (37, 8, 21)))]
@@ -163,7 +165,7 @@ def test_matvec_group_equals_single_kernels(types):
     for y, w, t in zip(ys, ws, types):
         want = np.empty_like(y)
         linear.MATVEC[t](want, w, *act)
-        assert np.array_equal(y, want)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_backend_groups_decode_linears():
