@@ -8,6 +8,9 @@ Cache types (per layer, rows (n_ctx, G, Dh) flattened):
 The quantizers follow pyquant.quants.q8_0 / q4_0, except that the scale stays float32 (Q8_0 and Q4_0 store it
 as float16).
 
+`rope_store`: one launch before attention: RoPE on q, RoPE on k and k's rows into the cache, v's rows into the
+cache (RoPE left to the backend's pending op until here, so q and k are not written and read back first).
+
 `attend`: a block per (query head, token), 128 threads; keys in chunks of 128, a thread per key for the
 scores, an online softmax (running max and sum), then a thread per output dim accumulates p * V.
 """
@@ -20,7 +23,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .jit import block_max, block_sum, device, kernel
-from .ops import POS0
+from .ops import POS0, rope_val
 
 F32, F16, Q8_0, Q4_0 = range(4)
 CACHE_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
@@ -59,55 +62,86 @@ def load_q4_0(c, s, i):
 LOADERS = {F32: load_f, F16: load_f, Q8_0: load_q8_0, Q4_0: load_q4_0}
 
 
-_STORE: dict = {}
 _ATTEND: dict = {}
+_ROPE_STORE: dict = {}
 
 
-def store_kernel(kind: int):
-    if kind not in _STORE:
-        _STORE[kind] = _make_store(kind)
-    return _STORE[kind]
+def rope_store_kernel(kind: int):
+    if kind not in _ROPE_STORE:
+        _ROPE_STORE[kind] = _make_rope_store(kind)
+    return _ROPE_STORE[kind]
 
 
-def _make_store(kind):
+@device
+def _kv(x, i, rot, cos, sin, p, hd, n_rot, neox):
+    """x[i], or with rot, x[i] turned by RoPE at position p (heads of hd values)."""
+    if rot:
+        return rope_val(x, cos, sin, p, i - i % hd, i % hd, n_rot, neox)
+    return x[i]
+
+
+def _make_rope_store(kind):
+    store32 = _store32_fn(kind)
+
     @kernel
-    def store(c, s, x, params, T, row):
-        """Rows params[POS0] .. + T of the cache (row = G * Dh values each) = x (T, row); a thread per
-        32 values."""
+    def rope_store(qy, q, kc, ks, k, vc, vs, v, cos, sin, params, T, H, G, Dk, Dv, n_rot, neox, rot):
+        """One launch before attention: with rot, qy = RoPE(q) (T, H, Dk), a thread per value; K rows (T, G, Dk),
+        turned when rot, and V rows (T, G, Dv) into the cache at rows params[POS0].., a thread per 32 values."""
         i = cuda.grid(1)
-        if i < T * row // 32:
-            o = 32 * i  # offset in x
-            dst = params[POS0] * row + o
-            if kind == F32 or kind == F16:
-                for j in range(32):
-                    c[dst + j] = x[o + j]
-            elif kind == Q8_0:
-                amax = float32(0.0)
-                for j in range(32):
-                    amax = max(amax, abs(x[o + j]))
-                d = amax / float32(127.0)
-                inv = float32(1.0) / d if d != 0 else float32(0.0)
-                for j in range(32):
-                    v = x[o + j] * inv
-                    q = int(math.floor(abs(v) + 0.5))
-                    c[dst + j] = -q if v < 0 else q
-                s[dst // 32] = d
-            else:
-                amax = float32(0.0)
-                vmax = float32(0.0)
-                for j in range(32):
-                    if abs(x[o + j]) > amax:
-                        amax = abs(x[o + j])
-                        vmax = x[o + j]
-                d = vmax / float32(-8.0)
-                inv = float32(1.0) / d if d != 0 else float32(0.0)
-                for j in range(16):
-                    q0 = min(int(x[o + j] * inv + float32(8.5)), 15)
-                    q1 = min(int(x[o + j + 16] * inv + float32(8.5)), 15)
-                    c[dst // 2 + j] = q0 | (q1 << 4)
-                s[dst // 32] = d
+        nq = T * H * Dk if rot else 0
+        nk = T * G * Dk // 32
+        p0 = params[POS0]
+        if i < nq:
+            qy[i] = rope_val(q, cos, sin, p0 + i // (H * Dk), i - i % Dk, i % Dk, n_rot, neox)
+            return
+        i -= nq
+        if i < nk:
+            o = 32 * i
+            p = p0 + o // (G * Dk)
+            store32(kc, ks, p0 * G * Dk + o, k, o, rot, cos, sin, p, Dk, n_rot, neox)
+        elif i - nk < T * G * Dv // 32:
+            o = 32 * (i - nk)
+            store32(vc, vs, p0 * G * Dv + o, v, o, False, cos, sin, p0, Dv, n_rot, neox)
 
-    return store
+    return rope_store
+
+
+def _store32_fn(kind):
+    @device
+    def store32(c, s, dst, x, o, rot, cos, sin, p, hd, n_rot, neox):
+        """Cache values dst..dst+31 = x[o..o+31] (through _kv) in the cache's type; a scale per 32 values for
+        q8_0 (d = max|x| / 127, q = roundf(x / d)) and q4_0 (d = max / -8, q = trunc(x / d + 8.5))."""
+        if kind == F32 or kind == F16:
+            for j in range(32):
+                c[dst + j] = _kv(x, o + j, rot, cos, sin, p, hd, n_rot, neox)
+        elif kind == Q8_0:
+            amax = float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(_kv(x, o + j, rot, cos, sin, p, hd, n_rot, neox)))
+            d = amax / float32(127.0)
+            inv = float32(1.0) / d if d != 0 else float32(0.0)
+            for j in range(32):
+                val = _kv(x, o + j, rot, cos, sin, p, hd, n_rot, neox) * inv
+                qv = int(math.floor(abs(val) + 0.5))
+                c[dst + j] = -qv if val < 0 else qv
+            s[dst // 32] = d
+        else:
+            amax = float32(0.0)
+            vmax = float32(0.0)
+            for j in range(32):
+                val = _kv(x, o + j, rot, cos, sin, p, hd, n_rot, neox)
+                if abs(val) > amax:
+                    amax = abs(val)
+                    vmax = val
+            d = vmax / float32(-8.0)
+            inv = float32(1.0) / d if d != 0 else float32(0.0)
+            for j in range(16):
+                q0 = min(int(_kv(x, o + j, rot, cos, sin, p, hd, n_rot, neox) * inv + float32(8.5)), 15)
+                q1 = min(int(_kv(x, o + j + 16, rot, cos, sin, p, hd, n_rot, neox) * inv + float32(8.5)), 15)
+                c[dst // 2 + j] = q0 | (q1 << 4)
+            s[dst // 32] = d
+
+    return store32
 
 
 def attend_kernel(kind: int):

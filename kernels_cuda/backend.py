@@ -7,7 +7,11 @@ tokens, beyond that the block-scaled int8 tensor-core GEMM (gemm_int8.py) on act
 
 Decode runs few launches: RMSNorm and the SwiGLU/GeGLU gates are fused into the product that consumes them
 (ops return them unlaunched, `Tensor.pending`), a residual add is folded into the product that feeds it, and
-the queue of one decode step is replayed as a CUDA graph (launch.py).
+the queue of one decode step is replayed as a CUDA graph (launch.py). With one token, products of the same
+input join one launch (q, k, v; gate and up, with the gate computed in it: `_Decode`), RoPE stays pending until
+attention turns q and k as it stores K and V (one launch), so a llama/qwen layer is 6 launches. `replay_step`
+records a whole decode step and runs it again for the next token without the model's Python: the token and
+position go into the parameter block, then one graph launch and the logits copy.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from . import attention as att
 from . import gemm_int8 as g8
 from . import matvec as mv
 from . import ops
-from .launch import Arena, LaunchQueue, Tensor
+from .jit import SIM
+from .launch import Arena, LaunchQueue, Step, Tensor
 from .quants import gpu_format, int8_codes, repack
 
 _MODES = {None: mv.PLAIN, "rms": mv.RMS, "swiglu": mv.SWIGLU, "geglu": mv.GEGLU}
@@ -36,6 +41,37 @@ def _f32(x: float, _cache: dict = {}) -> np.float32:  # noqa: B006 (a cache by d
     if v is None:
         v = _cache[x] = np.float32(x)
     return v
+
+
+class _Decode:
+    """The decode GEMV last queued (one token), kept open so the next op can join it: another product of the
+    same input (q, k, v), the gate (SwiGLU / GeGLU of the pair gate, up), or a residual add."""
+
+    __slots__ = ("bs", "glu", "idx", "inp", "items", "res", "ws", "x", "ys", "z")
+
+    def __init__(self, x, inp, w, y, bias, items):
+        self.x, self.inp, self.ws, self.ys, self.bs = x, inp, [w], [y], [bias]
+        self.items, self.idx = items, len(items)  # the queue's list (a flush starts a new one) and its index
+        self.glu, self.res, self.z = 0, None, None
+
+    def item(self, be):
+        mode, src, x2, nw, eps = self.inp
+        ws, ys, bs, dummy = self.ws, self.ys, self.bs, be._dummy
+        n = len(ws)
+        w3 = ws + [ws[0]] * (3 - n)
+        y3 = [y.buf for y in ys] + [ys[0].buf] * (3 - len(ys))
+        b3 = [b.buf if b is not None else dummy for b in bs] + [dummy] * (3 - n)
+        flags = sum(f for f, b in zip((mv.HAS_BIAS, mv.HAS_BIAS2, mv.HAS_BIAS3), bs) if b is not None)
+        if self.res is not None:
+            flags |= mv.HAS_RES
+        ns = [w.shape[0] for w in ws] + [0] * (3 - n)
+        k = ws[0].shape[1]
+        grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm)
+        kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu)
+        args = (*y3, w3[0].q, w3[0].d, w3[1].q, w3[1].d, w3[2].q, w3[2].d, *b3, src.buf, x2, nw, eps,
+                self.res.buf if self.res is not None else dummy, self.z.buf if self.z is not None else dummy,
+                flags, *ns, k, split)
+        return (kern, grid, block, args)
 
 
 class CudaWeight:
@@ -88,8 +124,16 @@ class CudaBackend:
         self.queue = LaunchQueue(graphs)
         self.arena = Arena()
         self._dummy = cuda.to_device(np.zeros(1, np.float32))
+        self._dummy2 = cuda.to_device(np.zeros((1, 1), np.float32))
         self._rope: dict = {}
         self._n_ctx = 0
+        self._step: Step | None = None  # the last decode step recorded, see replay_step
+        self._step_params = np.zeros(2, np.int32) if SIM else cuda.pinned_array(2, np.int32)
+        self._last_out = None  # (flush number, flat buffer, host array) of the last to_host that launched work
+        self._rows_limit = 0
+        self.n_replays = 0
+        self.n_sm = 1 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
+        self._dec: _Decode | None = None  # the decode GEMV that the next op may join
 
     # --- plumbing ------------------------------------------------------------------------------------
     def _out(self, shape) -> Tensor:
@@ -102,7 +146,12 @@ class CudaBackend:
         p = x.pending
         if p is None:
             return x
-        if p[0] == "rms":
+        if p[0] == "rope":
+            _, src, cos, sin, n_rot, neox = p
+            t, h, d = src.shape
+            self.queue.add(ops.rope, *ops.grid1(t * h * (d // 2)), x.buf, src.buf, cos, sin, self.queue.params_dev,
+                           t, h, d, n_rot, neox)
+        elif p[0] == "rms":
             _, src, w, eps = p
             src = self._ready(src)
             d = src.shape[-1]
@@ -117,6 +166,43 @@ class CudaBackend:
     def flush(self) -> None:
         self.queue.flush()
 
+    def replay_step(self, key, ids: np.ndarray, pos0: int, build):
+        """The host result of `build()`, a forward pass of the single token ids[0] at pos0 that ends in one
+        to_host. The first time, build() runs and, if its launches went out in one flush, they are recorded
+        under `key` (the caller's model and cache); the next call with the same key skips build(): it writes
+        the token and position into the parameter block and replays the recorded launches (one CUDA graph)."""
+        s, q = self._step, self.queue
+        if s is not None and s.key == key and len(ids) == 1 and not q.items:
+            return self._replay(s, int(ids[0]), pos0)
+        n0 = q.n_flushes
+        self._last_out = None
+        out = build()
+        lo = self._last_out
+        if (q.n_flushes == n0 + 1 and lo is not None and lo[0] == n0 + 1 and q.last_n_params == 2
+                and isinstance(out, np.ndarray) and out.size == lo[2].size and np.may_share_memory(out, lo[2])):
+            self._step = Step(key, q.last_sig, q.params_dev, lo[1], out.shape, self._rows_limit)
+        return out
+
+    def _replay(self, s: Step, tok: int, pos0: int) -> np.ndarray:
+        if not 0 <= tok < s.n_rows:
+            raise PyquantError(f"token id out of range [0, {s.n_rows})")
+        q = self.queue
+        p = self._step_params
+        p[0], p[1] = pos0, tok
+        s.params.copy_to_device(p, stream=q.stream)
+        if s.graph is None and q.graphs:
+            s.graph = q.capture(s.items)
+        if s.graph is not None:
+            s.graph.launch(q.core_stream)
+            q.n_graph_launches += 1
+        else:
+            q.run_eager(s.items)
+        q.n_launches += len(s.items)
+        s.out.copy_to_host(s.host, stream=q.stream)
+        q.synchronize()
+        self.n_replays += 1
+        return s.host.reshape(s.shape).copy()
+
     def synchronize(self) -> None:
         self.queue.flush()
         self.queue.synchronize()
@@ -130,6 +216,7 @@ class CudaBackend:
         if not self.queue.items:
             self.arena.reset()  # a new forward pass: the last one's activations are done with
         ids = np.asarray(ids, np.int64)
+        self._rows_limit = w.shape[0]
         lo, hi = (int(ids[0]), int(ids[0])) if len(ids) == 1 else (ids.min(), ids.max()) if len(ids) else (0, 0)
         if lo < 0 or hi >= w.shape[0]:
             raise PyquantError(f"token id out of range [0, {w.shape[0]})")
@@ -151,15 +238,10 @@ class CudaBackend:
         b = bias.buf if bias is not None else self._dummy
         if t == 0:
             return y
+        if t == 1 and k <= mv.STAGE:
+            return self._linear1(x, w, bias, y)
         if t <= self.gemv_tokens:
-            p = x.pending
-            mode = _MODES[p[0] if p else None]
-            if mode == mv.RMS and p[1].shape[-1] == k and p[1].pending is None:
-                src, x2, nw, eps = p[1], self._dummy, p[2].buf, _f32(p[3])
-            elif mode in (mv.SWIGLU, mv.GEGLU) and p[1].pending is None and p[2].pending is None:
-                src, x2, nw, eps = p[1], p[2].buf, self._dummy, _F0
-            else:
-                mode, src, x2, nw, eps = mv.PLAIN, self._ready(x), self._dummy, self._dummy, _F0
+            mode, src, x2, nw, eps = self._gemv_input(x, k)
             kern = mv.gemv_kernel(w.type, mode, t)
             self.queue.add(kern, *mv.gemv_grid(n), y.buf, y.buf, w.q, w.d, src.buf, x2, nw, eps, b,
                            self._dummy, flags, n, k)
@@ -181,13 +263,44 @@ class CudaBackend:
                        mins if mins is not None else scales, b, self._dummy, flags, t, n, k // 4)
         return y
 
+    def _gemv_input(self, x: Tensor, k: int):
+        """(mode, source, x2, norm weight, eps) of a GEMV reading x: its pending RMSNorm or gate fused in."""
+        p = x.pending
+        mode = _MODES[p[0] if p else None]
+        if mode == mv.RMS and p[1].shape[-1] == k and p[1].pending is None:
+            return mode, p[1], self._dummy, p[2].buf, _f32(p[3])
+        if mode in (mv.SWIGLU, mv.GEGLU) and p[1].pending is None and p[2].pending is None:
+            return mode, p[1], p[2].buf, self._dummy, _F0
+        return mv.PLAIN, self._ready(x), self._dummy, self._dummy, _F0
+
+    def _joinable(self) -> _Decode | None:
+        d, items = self._dec, self.queue.items
+        return d if d is not None and d.items is items and d.idx == len(items) - 1 else None
+
+    def _linear1(self, x: Tensor, w: CudaWeight, bias: Tensor | None, y: Tensor) -> Tensor:
+        """One token: a decode GEMV, joined to the last one when it reads the same input (q, k, v; gate, up)."""
+        d = self._joinable()
+        items = self.queue.items
+        if d is not None and d.x is x and not d.glu and d.res is None and len(d.ws) < 3:
+            d.ws.append(w)
+            d.ys.append(y)
+            d.bs.append(bias)
+            items[-1] = d.item(self)
+            return y
+        inp = self._gemv_input(x, w.shape[1])
+        d = self._dec = _Decode(x, inp, w, y, bias, items)
+        items.append(d.item(self))
+        return y
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return Tensor(self.arena.alloc(x.size), x.shape, ("rms", x, weight, float(eps)))
 
     def rope(self, x: Tensor, positions: np.ndarray, n_rot: int, base: float, neox: bool,
              freq_scale: float = 1.0) -> Tensor:
+        """Left pending: attention turns q and k as it stores them (attention.rope_store); anything else that
+        reads the result launches the rope kernel."""
         x = self._ready(x)
-        t, h, d = x.shape
+        t = x.shape[0]
         positions = np.asarray(positions)
         if t == 0:
             return x
@@ -196,10 +309,7 @@ class CudaBackend:
             raise PyquantError("the CUDA backend rotates consecutive positions only")
         cos, sin = self._rope_tables(n_rot, base, freq_scale, p0 + t)
         self.queue.set_pos0(p0)
-        y = self._out(x.shape)
-        self.queue.add(ops.rope, *ops.grid1(t * h * (d // 2)), y.buf, x.buf, cos, sin, self.queue.params_dev,
-                       t, h, d, n_rot, bool(neox))
-        return y
+        return Tensor(self.arena.alloc(x.size), x.shape, ("rope", x, cos, sin, int(n_rot), bool(neox)))
 
     def _rope_tables(self, n_rot, base, freq_scale, need):
         key = (n_rot, float(base), float(freq_scale))
@@ -212,13 +322,33 @@ class CudaBackend:
         return tab
 
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
-        return Tensor(self.arena.alloc(gate.size), gate.shape, ("swiglu", gate, up))
+        return self._gate(gate, up, "swiglu", mv.SWIGLU)
 
     def geglu(self, gate: Tensor, up: Tensor) -> Tensor:
-        return Tensor(self.arena.alloc(gate.size), gate.shape, ("geglu", gate, up))
+        return self._gate(gate, up, "geglu", mv.GEGLU)
+
+    def _gate(self, gate: Tensor, up: Tensor, name: str, glu: int) -> Tensor:
+        """act(gate) * up: computed by the decode GEMV that made gate and up, when one launch made both;
+        else left pending, to be fused into the product that reads it."""
+        d = self._joinable()
+        if (d is not None and len(d.ws) == 2 and not d.glu and d.res is None and d.ys[0].buf is gate.buf
+                and d.ys[1].buf is up.buf and d.ws[0].shape == d.ws[1].shape and gate.size == d.ws[0].shape[0]):
+            h = self._out(gate.shape)
+            d.glu = glu
+            d.ys.append(h)
+            self.queue.items[-1] = d.item(self)
+            return h
+        return Tensor(self.arena.alloc(gate.size), gate.shape, (name, gate, up))
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         items = self.queue.items
+        d = self._joinable()
+        for res, lin in ((a, b), (b, a)):  # fold into the decode GEMV that made one operand, if it was the last
+            if (d is not None and len(d.ws) == 1 and not d.glu and d.res is None and d.ys[0].buf is lin.buf
+                    and lin.pending is None and res.pending is None and lin.shape == res.shape):
+                d.res, d.z = res, self._out(lin.shape)
+                items[-1] = d.item(self)
+                return d.z
         for res, lin in ((a, b), (b, a)):  # fold into the product that made one operand, if it was the last
             if lin.pending is None and res.pending is None and items and lin.shape == res.shape:
                 kern, grid, block, args = items[-1]
@@ -242,8 +372,11 @@ class CudaBackend:
         if not isinstance(x, Tensor):
             return np.asarray(x)
         x = self._ready(x)
+        flushed = bool(self.queue.items)
         self.queue.flush()
         out = np.empty(x.size, np.float32)
+        if flushed:  # what replay_step records: the launches of one flush and the tensor they made
+            self._last_out = (self.queue.n_flushes, x.buf[: x.size], out)
         if x.size:
             x.buf[: x.size].copy_to_host(out, stream=self.queue.stream)
             self.queue.synchronize()
@@ -263,17 +396,26 @@ class CudaBackend:
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, cache: CudaKVCache, layer: int, pos0: int,
                   scale: float, window: int = 0) -> Tensor:
-        q, k, v = self._ready(q), self._ready(k), self._ready(v)
+        qp, kp = q.pending, k.pending
+        rot = (qp is not None and kp is not None and qp[0] == kp[0] == "rope" and qp[2] is kp[2]
+               and qp[4:] == kp[4:] and qp[1].pending is None and kp[1].pending is None)
+        if rot:  # q and k turned by rope_store: q written once, k only into the cache
+            qsrc, ksrc, cos, sin, n_rot, neox = qp[1], kp[1], qp[2], qp[3], qp[4], qp[5]
+            q.pending = None
+        else:
+            q, k = self._ready(q), self._ready(k)
+            qsrc, ksrc, cos, sin, n_rot, neox = q, k, self._dummy2, self._dummy2, 0, False
+        v = self._ready(v)
         t, n_head, dk = q.shape
         g, dv = v.shape[1], v.shape[2]
         if pos0 + t > cache.n_ctx:
             raise PyquantError(f"context full: {pos0 + t} tokens exceed n_ctx {cache.n_ctx}")
         self.queue.set_pos0(pos0)
-        store = att.store_kernel(cache.kind)
         (kc, ks), (vc, vs) = cache.k[layer], cache.v[layer]
         pd = self.queue.params_dev
-        self.queue.add(store, *ops.grid1(t * g * dk // 32, 128), kc, ks, k.buf, pd, t, g * dk)
-        self.queue.add(store, *ops.grid1(t * g * dv // 32, 128), vc, vs, v.buf, pd, t, g * dv)
+        n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // 32
+        self.queue.add(att.rope_store_kernel(cache.kind), *ops.grid1(n_thr, 128), q.buf, qsrc.buf, kc, ks,
+                       ksrc.buf, vc, vs, v.buf, cos, sin, pd, t, n_head, g, dk, dv, n_rot, neox, rot)
         y = self._out((t, n_head * dv))
         self.queue.add(att.attend_kernel(cache.kind), (n_head, t), att.THREADS, y.buf, q.buf, kc, ks, vc, vs, pd,
                        _f32(float(scale)), int(window), n_head, g, dk, dv)

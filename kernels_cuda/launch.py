@@ -119,6 +119,20 @@ class Arena:
         self.high = 0
 
 
+class Step:
+    """One recorded forward pass of a single token (a decode step): its launches, which read the token id and
+    the position from parameter slots 1 and 0, and the tensor its caller brought back. `CudaBackend.replay_step`
+    runs it again for another token and position: a 8-byte parameter copy, one graph launch, the output copy."""
+
+    __slots__ = ("graph", "host", "items", "key", "n_rows", "out", "params", "shape")
+
+    def __init__(self, key, items, params_dev, out, shape, n_rows):
+        self.key, self.items, self.out, self.shape, self.n_rows = key, items, out, shape, n_rows
+        self.params = params_dev[:2]
+        self.graph = None
+        self.host = np.zeros(out.size, np.float32) if SIM else cuda.pinned_array(out.size, np.float32)  # (flat)
+
+
 def _core():
     try:
         from cuda.core import Device
@@ -138,6 +152,8 @@ class LaunchQueue:
         self.last_sig = None
         self.n_launches = 0  # kernels run (eagerly or inside graphs)
         self.n_graph_launches = 0
+        self.n_flushes = 0
+        self.last_n_params = 0  # parameter slots the last flush used (1 + token ids)
         self.core_stream = None
         if self.graphs:
             try:
@@ -188,20 +204,31 @@ class LaunchQueue:
         if not items:
             return
         self.params_dev.copy_to_device(self.params_host, stream=self.stream)
-        if self.graphs and self.graph is not None and items == self.graph_sig or self.graphs and items == self.last_sig and self._capture(items):
+        if self.graphs and self.graph is not None and items == self.graph_sig:
+            self.graph.launch(self.core_stream)
+            self.n_graph_launches += 1
+        elif self.graphs and items == self.last_sig and self._capture(items):
+            self.graph_sig = items
             self.graph.launch(self.core_stream)
             self.n_graph_launches += 1
         else:
-            for kern, grid, block, args in items:
-                kern[grid, block, self.stream](*args)
+            self.run_eager(items)
         self.n_launches += len(items)
+        self.n_flushes += 1
         self.last_sig = items
+        self.last_n_params = self.n_params
         self.items = []
         self.n_params = 1
         self.pos0 = None
 
-    def _capture(self, items) -> bool:
-        """Record the queue as a CUDA graph; on failure, turn graphs off and say so (the queue then runs eagerly)."""
+    def run_eager(self, items) -> None:
+        for kern, grid, block, args in items:
+            kern[grid, block, self.stream](*args)
+
+    def capture(self, items):
+        """items recorded as a CUDA graph, or None (graphs off, or the capture failed: then graphs go off)."""
+        if not self.graphs:
+            return None
         gb = None
         try:
             gb = self.device.create_graph_builder()
@@ -211,14 +238,16 @@ class LaunchQueue:
                 gb.begin_building()
             for kern, grid, block, args in items:
                 kern[grid, block, gb](*args)
-            self.graph = gb.end_building().complete()
-            self.graph_sig = items
-            return True
+            return gb.end_building().complete()
         except Exception as e:
             log.warning("CUDA graph capture failed, launching eagerly from now on: %s: %s", type(e).__name__, e)
             self.graphs = False
             self.graph = self.graph_sig = None
-            return False
+            return None
+
+    def _capture(self, items) -> bool:
+        self.graph = self.capture(items)
+        return self.graph is not None
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -11,7 +11,7 @@ import math
 
 from numba import cuda, float32
 
-from .jit import block_sum, gelu_tanh, kernel, silu
+from .jit import block_sum, device, gelu_tanh, kernel, silu
 
 POS0 = 0  # params slot: position of the first token of the batch
 
@@ -55,6 +55,24 @@ def rope(y, x, cos, sin, params, T, H, D, n_rot, neox):
             j = o + n_rot + 2 * (i - hr)
             y[j] = x[j]
             y[j + 1] = x[j + 1]
+
+
+@device
+def rope_val(x, cos, sin, p, o, i, n_rot, neox):
+    """Value i of the head at offset o of x as `rope` leaves it at position p (the same float32 products)."""
+    if i >= n_rot:
+        return x[o + i]
+    hr = n_rot // 2
+    if neox:
+        j = i % hr
+        xa, xb = x[o + j], x[o + j + hr]
+        first = i < hr
+    else:
+        j = i // 2
+        xa, xb = x[o + 2 * j], x[o + 2 * j + 1]
+        first = i % 2 == 0
+    c, s = cos[p, j], sin[p, j]
+    return xa * c - xb * s if first else xa * s + xb * c
 
 
 @kernel

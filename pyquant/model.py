@@ -98,10 +98,19 @@ class Transformer:
     def forward(self, tokens: np.ndarray, pos0: int, cache, all_logits: bool = False) -> np.ndarray:
         """Run tokens at positions pos0.. through the model, filling the cache. Returns float32 logits on the
         host: (T, n_vocab) if all_logits else (n_vocab,) for the last token."""
-        hp, be = self.hp, self.backend
+        be = self.backend
         t = len(tokens)
         if pos0 + t > cache.n_ctx:
             raise PyquantError(f"context full: {pos0 + t} tokens exceed n_ctx {cache.n_ctx}")
+        replay = getattr(be, "replay_step", None)  # a decode step the backend recorded can run without this code
+        if replay is not None and t == 1:
+            build = lambda: self._forward(tokens, pos0, cache, all_logits)
+            return replay((self, cache, all_logits), tokens, pos0, build)
+        return self._forward(tokens, pos0, cache, all_logits)
+
+    def _forward(self, tokens: np.ndarray, pos0: int, cache, all_logits: bool) -> np.ndarray:
+        hp, be = self.hp, self.backend
+        t = len(tokens)
         positions = np.arange(pos0, pos0 + t, dtype=np.int64)
         x = be.get_rows(self.embd, np.asarray(tokens, dtype=np.int64))  # (T, D)
         if hp.flags.embed_scale:

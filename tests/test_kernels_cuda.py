@@ -97,6 +97,40 @@ def test_gemv_fusions(be):
         assert rel(be.to_host(y), act @ wd.T) < 2e-6, op
 
 
+def test_decode_gemv_joins(be):
+    """One token: products of one input join one launch (q, k, v of two types, each with a bias, rows split
+    over 2 warps at K = 576), the gate joins the pair gate/up, a residual joins the product that feeds it."""
+    ref_be = NumpyBackend(cache_type="f32", act_quant=False)
+    rng = np.random.default_rng(6)
+    k = 576
+    ts = [make_weight(ty, n, k, seed=s) for ty, n, s in (("q5_0", 7, 1), ("q5_0", 3, 2), ("q8_0", 3, 3))]
+    x, nw = rng.standard_normal((1, k)).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    biases = [rng.standard_normal(t.shape[0]).astype(np.float32) for t in ts]
+    h = be.rms_norm(be.from_host(x), be.from_host(nw), 1e-6)
+    ys = [be.linear(h, be.weight(t), be.from_host(b)) for t, b in zip(ts, biases)]
+    assert len(be.queue.items) == 1
+    hn = ref_be.rms_norm(x, nw, 1e-6).astype(np.float64)
+    for y, t, b in zip(ys, ts, biases):
+        assert rel(be.to_host(y), hn @ dense(t).T + b) < 2e-6, t.type
+    wg, wu, wd = (be.weight(make_weight(ty, n, kk, seed=s)) for ty, n, kk, s in
+                  (("q8_0", 32, k, 4), ("q5_0", 32, k, 5), ("q4_0", 4, 32, 6)))
+    r = rng.standard_normal((1, 4)).astype(np.float32)
+    gd, ud, dd = (dense(w.info) for w in (wg, wu, wd))
+    c = np.float32(np.sqrt(2 / np.pi))
+    for op in ("swiglu", "geglu"):
+        xd = be.from_host(x)
+        g, u = be.linear(xd, wg), be.linear(xd, wu)
+        a = getattr(be, op)(g, u)
+        assert len(be.queue.items) == 1 and a.pending is None, op
+        z = be.add(be.from_host(r), be.linear(a, wd))
+        assert len(be.queue.items) == 2, op
+        gr, ur = x.astype(np.float64) @ gd.T, x.astype(np.float64) @ ud.T
+        act = gr / (1 + np.exp(-gr)) * ur if op == "swiglu" else 0.5 * gr * (1 + np.tanh(c * (gr + 0.044715 * gr**3))) * ur
+        assert rel(be.to_host(z), act @ dd.T + r) < 2e-6, op
+        assert rel(be.to_host(a), act) < 2e-6, op
+        assert rel(be.to_host(g), gr) < 2e-6 and rel(be.to_host(u), ur) < 2e-6, op
+
+
 # ---- 2. int8 GEMMs ------------------------------------------------------------------------------------------
 
 
@@ -283,12 +317,13 @@ def tiny_gguf(path, arch: str, seed: int = 0):
 def test_backend_logits_match_numpy(tmp_path, arch):
     """Prefill (GEMV path and int8 GEMM path) then decode steps: logits against the numpy backend's exact
     arithmetic (the int8 path rounds activations to 8 bits: a looser bound). The simulator runs gemma3 alone:
-    it reaches every op qwen2 does but the bias (test_gemv_fusions), plus scale, q/k norms, GeGLU, a window."""
+    it reaches every op qwen2 does but the bias (test_gemv_fusions), plus scale, q/k norms, GeGLU, a window.
+    Decode steps after the first replay the recorded one (the model's Python is not run for them)."""
     from pyquant.model import Transformer
 
     f = GGUFFile(tiny_gguf(tmp_path / "tiny.gguf", arch))
     tokens = np.array([3, 17, 5, 40, 8, 22])
-    n_pre, steps = (2, (2,)) if SIM else (4, (4, 5))  # the simulator runs a barrier in Python threads: keep it short
+    n_pre, steps = (2, (2, 3)) if SIM else (4, (4, 5))  # the simulator runs a barrier in Python threads: keep it short
     ref = Transformer(f, NumpyBackend(cache_type="f32", act_quant=False))
     rc = ref.new_cache(16)
     want = [ref.forward(tokens[:n_pre], 0, rc, all_logits=True)]
@@ -305,6 +340,12 @@ def test_backend_logits_match_numpy(tmp_path, arch):
             assert a.shape == b.shape
             assert rel(a, b) < tol, (be.gemv_tokens, rel(a, b))
         assert np.argmax(got[-1]) == np.argmax(want[-1])
+        assert be.n_replays == len(steps) - 1
+        # get_rows, 6 a layer (q/k/v, rope + K/V store, attention, output + residual, gate/up + gate, down +
+        # residual), output; gemma3 adds scale, and q/k norms, 2 post-norms and 2 residual adds a layer
+        assert len(be.queue.last_sig) == 2 + (6 if arch == "qwen2" else 12) * m.hp.n_layer + (arch == "gemma3")
+        with pytest.raises(Exception, match="out of range"):  # refused by the replayed step too
+            m.forward(np.array([m.hp.n_vocab]), steps[-1] + 1, cache)
 
 
 def test_decode_step_queues_the_same_launches(tmp_path):
@@ -332,3 +373,4 @@ def test_decode_step_queues_the_same_launches(tmp_path):
         assert all(u is v or type(u) is int and u == v for u, v in zip(xa, xb)), ka
     with pytest.raises(Exception, match="out of range"):
         be.get_rows(m.embd, np.array([m.hp.n_vocab]))
+
