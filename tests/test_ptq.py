@@ -49,11 +49,21 @@ def correlated_inputs(n_tokens: int, n_in: int, seed: int = 0) -> torch.Tensor:
 # ---- grids -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits,sym,ggml", [(4, True, "q4_0"), (4, False, "q4_1"), (8, True, "q8_0")])
+@pytest.mark.parametrize(
+    "grid,ggml",
+    [
+        (SignedMax(4), "q4_0"),
+        (MinMax(4), "q4_1"),
+        (SignedMax(5), "q5_0"),
+        (MinMax(5), "q5_1"),
+        (AbsMax(8), "q8_0"),
+    ],
+    ids=repr,
+)
 @pytest.mark.parametrize("group", [32, 64, 128, 0])
-def test_ggml_bytes_decode_to_the_optimized_values(bits, sym, ggml, group):
+def test_ggml_bytes_decode_to_the_optimized_values(grid, ggml, group):
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(group)) * 0.05
-    qw = rtn(w, weight_grid(bits, sym), group or 256)
+    qw = rtn(w, grid, group or 256)
     assert qw.ggml_type == ggml
     np.testing.assert_array_equal(dequantize(qw.ggml_bytes(), ggml, (48, 256)), qw.dequantize())
 
@@ -316,6 +326,7 @@ CASES = {
     "gptq": ("gptq", {}),
     "gptq_q4_1_act_order": ("gptq", {"asym": True, "act_order": True}),
     "gptq_3bit": ("gptq", {"bits": 3}),
+    "gptq_mix": ("gptq", {"asym": True, "mix": "sensitive"}),
     "awq": ("awq", {}),
     "awq_q4_1": ("awq", {"asym": True}),
     "smoothquant": ("smoothquant", {}),
@@ -377,6 +388,7 @@ def test_every_method_stays_close_to_the_float_model(files):
     [
         ("gptq", "q4_0"),
         ("gptq_q4_1_act_order", "q4_1"),
+        ("gptq_mix", "q4_1"),
         ("awq", "q4_0"),
         ("awq_q4_1", "q4_1"),
         ("smoothquant", "q8_0"),
@@ -398,6 +410,19 @@ def test_ggml_files_run_in_llama_cpp_as_in_pyquant(files, name, ggml):
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 2e-2
     # random tiny models have flat logits: near-ties that the rounding may flip
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() > 0.9
+
+
+def test_sensitive_mix_puts_attn_v_and_ffn_down_on_wider_grids(files):
+    from pyquant.gguf import GGUFFile
+
+    f = GGUFFile(files["gptq_mix"])
+    types = {
+        n.split(".")[2]: t.type
+        for n, t in f.tensors.items()
+        if n.startswith("blk.1.") and n.endswith("weight")
+    }
+    assert types["attn_v"] == types["ffn_down"] == "q8_0"  # 2 layers: both are first/last layers
+    assert types["attn_q"] == types["ffn_up"] == "q4_1" and f.get("pyquant.weight.mix") == "sensitive"
 
 
 @pytest.mark.parametrize(

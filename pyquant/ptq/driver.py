@@ -54,8 +54,17 @@ class _Recorder(torch.nn.Module):
 class LayerContext:
     """One decoder layer and its calibration inputs, with the operations methods are written in."""
 
-    def __init__(self, index: int, layer: torch.nn.Module, layout: Layout, inputs: list, kwargs: dict):
+    def __init__(
+        self,
+        index: int,
+        layer: torch.nn.Module,
+        layout: Layout,
+        inputs: list,
+        kwargs: dict,
+        n_layers: int = 1,
+    ):
         self.index, self.layer, self.layout, self.inputs, self.kwargs = index, layer, layout, inputs, kwargs
+        self.n_layers = n_layers
 
     def module(self, name: str) -> torch.nn.Module:
         return attrgetter(name)(self.layer)
@@ -214,7 +223,7 @@ def run(hf_dir: str | Path, method, calib: CalibConfig | None = None, progress: 
         inputs, kwargs = layer_inputs(model, layout, calibration_tokens(Path(hf_dir), calib))
     for i, layer in enumerate(layers):
         bar(i, f"layer {i}: {method.name}")
-        ctx = LayerContext(i, layer, layout, inputs, kwargs.get(i, {}))
+        ctx = LayerContext(i, layer, layout, inputs, kwargs.get(i, {}), len(layers))
         records = method.quantize_layer(ctx)
         prefix = f"{layout.layers}.{i}."
         result.linears.update({prefix + n: r for n, r in records.items()})

@@ -152,9 +152,12 @@ class GPTQMethod:
         damp: float = 0.01,
         block: int = 128,
         true_sequential: bool = True,
+        mix=None,
     ):
+        """mix: None, or an object whose grid(linear name, layer index, n_layers) overrides `grid` per linear
+        (grids.SensitiveMix)."""
         self.grid, self.group, self.act_order, self.damp, self.block = grid, group, act_order, damp, block
-        self.true_sequential = true_sequential
+        self.true_sequential, self.mix = true_sequential, mix
         self.losses: dict[str, float] = {}
 
     def quantize_layer(self, ctx) -> dict[str, QuantWeight]:
@@ -171,8 +174,9 @@ class GPTQMethod:
                 for n in g:
                     module = ctx.module(n)
                     group = self.group or module.in_features
+                    grid = self.mix.grid(n, ctx.index, ctx.n_layers) if self.mix else self.grid
                     (qw,), loss = hessians[g[0]].quantize(
-                        module.weight, self.grid, group, self.act_order, self.damp, self.block
+                        module.weight, grid, group, self.act_order, self.damp, self.block
                     )
                     module.weight.data.copy_(torch.from_numpy(qw.dequantize()))
                     self.losses[f"{ctx.index}.{n}"] = loss
