@@ -5,9 +5,9 @@ Per model: bits per weight (all tensor bytes over the reference's weight count, 
 weights alone), file size, WikiText-2 test perplexity with llama-perplexity's method (pyquant.perplexity:
 ctx 512, the first --chunks chunks, second half of each scored), the KL divergence and top-1 agreement of
 its next-token distributions against the reference model's on those same positions, and prefill / decode
-speed. Everything runs on pyquant (--backend, default the numpy reference: the only one that runs composite
-pyquant files); --llama-cpp also scores the files llama.cpp loads with llama.cpp (same chunks, same code)
-and times them there.
+speed. Everything runs on pyquant (--backend, default the Numba CPU backend, which runs plain GGUF and the
+composite pyquant files alike; numpy is the slow reference); --llama-cpp also scores the files llama.cpp
+loads with llama.cpp (same chunks, same code) and times them there.
 
 The reference's log-probabilities are computed once and cached (float16, ~80 MB per chunk for a 152k
 vocabulary) under ~/.cache/pyquant/eval, keyed by the reference file, text and settings.
@@ -199,7 +199,7 @@ def evaluate(
     text_path=DEFAULT_TEXT,
     n_ctx: int = 512,
     n_chunks: int = 8,
-    backend: str = "numpy",
+    backend: str = "cpu",
     llama_cpp: bool = False,
     threads: int = 2,
     names=None,
@@ -225,7 +225,7 @@ def evaluate(
     for i, path in enumerate(models):
         name = names[i] if names else Path(path).stem
         log(f"{name}: pyquant ({backend})")
-        model = Model(path, n_ctx=n_ctx, backend=backend)
+        model = Model(path, n_ctx=n_ctx, backend=backend, threads=threads)
         t_ppl = time.perf_counter()
         res, kld, top1 = score(model.logits, ref, progress)
         prefill = res.n_chunks * n_ctx / (time.perf_counter() - t_ppl)
@@ -335,9 +335,9 @@ def add_arguments(p) -> None:
     p.add_argument("-f", "--file", default=str(DEFAULT_TEXT), help="text (default: WikiText-2 test.txt)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=8, help="chunks scored (default 8)")
-    p.add_argument("--backend", choices=["numpy", "cpu", "cuda"], default="numpy")
+    p.add_argument("--backend", choices=["numpy", "cpu", "cuda"], default="cpu")
     p.add_argument("--llama-cpp", action="store_true", help="also score/time the files llama.cpp loads")
-    p.add_argument("-t", "--threads", type=int, default=2, help="llama.cpp threads")
+    p.add_argument("-t", "--threads", type=int, default=2, help="threads of pyquant and llama.cpp (2)")
     p.add_argument("--names", help="comma-separated row names (default: file stems)")
     p.add_argument("--json", metavar="OUT", help="write the table as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="PPL vs bits per weight and KLD, as a PNG")
