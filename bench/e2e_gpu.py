@@ -132,11 +132,12 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
 
 
 def kernel_resources() -> dict:
-    """Registers and local memory (bytes) per thread of each compiled GEMV / attention kernel."""
+    """Registers and local memory (bytes) per thread of each compiled GEMV / attention kernel (the blocks a
+    multiprocessor holds: 65536 registers / (registers x threads a block))."""
     from kernels_cuda import attention, matvec
 
     out = {}
-    for table in (matvec._GEMV, attention._ATTEND):
+    for table in (matvec._GEMV, getattr(matvec, "_GEMV1", {}), attention._ATTEND, getattr(attention, "_ROPE_STORE", {})):
         for key, k in table.items():
             try:
                 regs, local = k.get_regs_per_thread(), k.get_local_mem_per_thread()

@@ -80,28 +80,41 @@ def _kv(x, i, rot, cos, sin, p, hd, n_rot, neox):
     return x[i]
 
 
+def kv_per_thread(kind: int) -> int:
+    """Cache values one rope_store thread writes: 1 (f32, f16), or one scaled block of 32 (q8_0, q4_0)."""
+    return 1 if kind in (F32, F16) else 32
+
+
 def _make_rope_store(kind):
     store32 = _store32_fn(kind)
+    per = kv_per_thread(kind)
 
     @kernel
     def rope_store(qy, q, kc, ks, k, vc, vs, v, cos, sin, params, T, H, G, Dk, Dv, n_rot, neox, rot):
         """One launch before attention: with rot, qy = RoPE(q) (T, H, Dk), a thread per value; K rows (T, G, Dk),
-        turned when rot, and V rows (T, G, Dv) into the cache at rows params[POS0].., a thread per 32 values."""
+        turned when rot, and V rows (T, G, Dv) into the cache at rows params[POS0].., a thread per value or per
+        block of 32 (kv_per_thread)."""
         i = cuda.grid(1)
         nq = T * H * Dk if rot else 0
-        nk = T * G * Dk // 32
+        nk = T * G * Dk // per
         p0 = params[POS0]
         if i < nq:
             qy[i] = rope_val(q, cos, sin, p0 + i // (H * Dk), i - i % Dk, i % Dk, n_rot, neox)
             return
         i -= nq
         if i < nk:
-            o = 32 * i
+            o = per * i
             p = p0 + o // (G * Dk)
-            store32(kc, ks, p0 * G * Dk + o, k, o, rot, cos, sin, p, Dk, n_rot, neox)
-        elif i - nk < T * G * Dv // 32:
-            o = 32 * (i - nk)
-            store32(vc, vs, p0 * G * Dv + o, v, o, False, cos, sin, p0, Dv, n_rot, neox)
+            if per == 1:
+                kc[p0 * G * Dk + o] = _kv(k, o, rot, cos, sin, p, Dk, n_rot, neox)
+            else:
+                store32(kc, ks, p0 * G * Dk + o, k, o, rot, cos, sin, p, Dk, n_rot, neox)
+        elif i - nk < T * G * Dv // per:
+            o = per * (i - nk)
+            if per == 1:
+                vc[p0 * G * Dv + o] = v[o]
+            else:
+                store32(vc, vs, p0 * G * Dv + o, v, o, False, cos, sin, p0, Dv, n_rot, neox)
 
     return rope_store
 

@@ -349,6 +349,15 @@ class CudaBackend:
                 d.res, d.z = res, self._out(lin.shape)
                 items[-1] = d.item(self)
                 return d.z
+        for res, nrm in ((a, b), (b, a)):  # a pending RMSNorm (a post-norm) and the add after it: one launch
+            p = nrm.pending
+            if (p is not None and p[0] == "rms" and res.pending is None and p[1].pending is None
+                    and res.shape == nrm.shape and p[1].shape[-1] == nrm.shape[-1]):
+                d = nrm.shape[-1]
+                y = self._out(res.shape)
+                self.queue.add(ops.rms_add, max(1, res.size // d), 128, y.buf, p[1].buf, p[2].buf, res.buf,
+                               _f32(p[3]), d)
+                return y
         for res, lin in ((a, b), (b, a)):  # fold into the product that made one operand, if it was the last
             if lin.pending is None and res.pending is None and items and lin.shape == res.shape:
                 kern, grid, block, args = items[-1]
@@ -413,7 +422,7 @@ class CudaBackend:
         self.queue.set_pos0(pos0)
         (kc, ks), (vc, vs) = cache.k[layer], cache.v[layer]
         pd = self.queue.params_dev
-        n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // 32
+        n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // att.kv_per_thread(cache.kind)
         self.queue.add(att.rope_store_kernel(cache.kind), *ops.grid1(n_thr, 128), q.buf, qsrc.buf, kc, ks,
                        ksrc.buf, vc, vs, v.buf, cos, sin, pd, t, n_head, g, dk, dv, n_rot, neox, rot)
         y = self._out((t, n_head * dv))

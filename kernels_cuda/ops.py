@@ -1,4 +1,5 @@
-"""Elementwise and row ops on flat float32 activations: RMSNorm, RoPE, SiLU/GELU gates, add, scale.
+"""Elementwise and row ops on flat float32 activations: RMSNorm (alone, or with the residual add after it),
+RoPE, SiLU/GELU gates, add, scale.
 
 Positions come from the device parameter block (`params[POS0]`, written once per flush by the backend), so a
 captured CUDA graph replays for any position. RoPE reads cos/sin tables built on the host exactly as the
@@ -28,6 +29,20 @@ def rms_norm(y, x, w, eps, D):
     rs = 1.0 / math.sqrt(s / D + eps)
     for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
         y[o + k] = x[o + k] * rs * w[k]
+
+
+@kernel
+def rms_add(y, x, w, r, eps, D):
+    """y[row, :] = r[row, :] + RMSNorm(x[row, :]) * w (a post-norm and the residual add after it); a block a row."""
+    red = cuda.shared.array(32, float32)
+    o = cuda.blockIdx.x * D
+    s = float32(0.0)
+    for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        s += x[o + k] * x[o + k]
+    s = block_sum(red, s)
+    rs = 1.0 / math.sqrt(s / D + eps)
+    for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
+        y[o + k] = r[o + k] + x[o + k] * rs * w[k]
 
 
 @kernel

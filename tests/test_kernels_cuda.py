@@ -211,6 +211,8 @@ def test_ops_match_reference(be):
             assert rel(got, ref.rope(x, pos, n_rot, 10000.0, neox)) < 1e-6, (neox, n_rot)
     a, b = x[:, 0], x[:, 1]
     assert rel(be.to_host(be.add(be.from_host(a), be.from_host(b))), a + b) < 1e-7
+    n = be.rms_norm(be.from_host(b), be.from_host(w), 1e-5)  # a post-norm added to the residual: one launch
+    assert rel(be.to_host(be.add(be.from_host(a), n)), a + ref.rms_norm(b, w, 1e-5)) < 1e-6
     assert rel(be.to_host(be.scale(be.from_host(a), 3.5)), a * 3.5) < 1e-7
     assert rel(be.to_host(be.swiglu(be.from_host(a), be.from_host(b))), ref.swiglu(a, b)) < 1e-6
     ref.act_quant = False
@@ -342,8 +344,8 @@ def test_backend_logits_match_numpy(tmp_path, arch):
         assert np.argmax(got[-1]) == np.argmax(want[-1])
         assert be.n_replays == len(steps) - 1
         # get_rows, 6 a layer (q/k/v, rope + K/V store, attention, output + residual, gate/up + gate, down +
-        # residual), output; gemma3 adds scale, and q/k norms, 2 post-norms and 2 residual adds a layer
-        assert len(be.queue.last_sig) == 2 + (6 if arch == "qwen2" else 12) * m.hp.n_layer + (arch == "gemma3")
+        # residual), output; gemma3 adds scale, and q/k norms, 2 post-norms with their residual adds a layer
+        assert len(be.queue.last_sig) == 2 + (6 if arch == "qwen2" else 10) * m.hp.n_layer + (arch == "gemma3")
         with pytest.raises(Exception, match="out of range"):  # refused by the replayed step too
             m.forward(np.array([m.hp.n_vocab]), steps[-1] + 1, cache)
 
