@@ -250,14 +250,17 @@ def _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b):
         y3[r - n1 - n2] = a
 
 
-def gemv1_launch(rows: int, K: int, n_sm: int) -> tuple[int, int, int]:
+def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_SM,
+                 split: int | None = None) -> tuple[int, int, int]:
     """(grid, block, S) of the decode GEMV: S warps a row, more while a lane would take over 4 groups of 8, or
-    while the rows give under 16 warps an SM (and a lane still takes 2 groups); the grid a few blocks an SM."""
+    while the rows give under 16 warps an SM (and a lane still takes 2 groups); the grid a few blocks an SM.
+    (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
     ng, s = K // 8, 1
     while s < WARPS1 and (ng > 128 * s or (rows * s < 16 * n_sm and ng > 64 * s)):
         s *= 2
+    s = split or s
     per = WARPS1 // s
-    return min(-(-rows // per), BLOCKS_PER_SM * n_sm), 32 * WARPS1, s
+    return min(-(-rows // per), blocks_per_sm * n_sm), 32 * WARPS1, s
 
 
 # ---- float GEMM for many tokens (formats without int8 codes, or int8 prefill off) -------------------------
