@@ -198,6 +198,8 @@ class CudaBackend:
         else:
             q.run_eager(s.items)
         q.n_launches += len(s.items)
+        if s.host is None:
+            s.host = np.zeros(s.out.size, np.float32) if SIM else cuda.pinned_array(s.out.size, np.float32)
         s.out.copy_to_host(s.host, stream=q.stream)
         q.synchronize()
         self.n_replays += 1

@@ -130,7 +130,7 @@ class Step:
         self.key, self.items, self.out, self.shape, self.n_rows = key, items, out, shape, n_rows
         self.params = params_dev[:2]
         self.graph = None
-        self.host = np.zeros(out.size, np.float32) if SIM else cuda.pinned_array(out.size, np.float32)  # (flat)
+        self.host = None  # pinned, made at the first replay (a step that is never replayed allocates nothing)
 
 
 def _core():
