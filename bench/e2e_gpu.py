@@ -5,8 +5,8 @@ GEMM at M = N = K = 4096 against torch._int_mm and the decode roofline.
 The real GGUF files cannot travel to the GPU machine, so each model is rebuilt there: transformers makes a
 random fp16 checkpoint from the real config.json (bench/models/NAME), and `pyquant convert --type q4_k_m`
 turns it into a GGUF with the real files' type mix. Measures, as llama-bench does: pp512 (one forward pass
-over 512 tokens) and tg128 (128 single-token steps from an empty context, greedy). Prints one table, writes
-e2e_gpu.json and e2e_gpu.png to --out.
+over 512 tokens; median of 5 after a warm-up) and tg128 (128 single-token steps from an empty context,
+greedy; median of 3 runs). Prints one table, writes e2e_gpu.json and e2e_gpu.png to --out.
 
     python bench/e2e_gpu.py --out $OUT [--models qwen gemma] [--cpu-tg 16]
 """
@@ -91,18 +91,22 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
     m.forward(prompt, 0, cache)  # compiles
     warm_s = time.perf_counter() - t0
     pp = []
-    for _ in range(2):
+    for _ in range(5):
         t0 = time.perf_counter()
         m.forward(prompt, 0, cache)
         pp.append(time.perf_counter() - t0)
     tok = int(prompt[0])
     for i in range(3):  # compiles, then captures the decode graph
         m.forward(np.array([tok]), i, cache)
-    t0 = time.perf_counter()
-    for i in range(n_tg):
-        tok = int(np.argmax(m.forward(np.array([tok]), i, cache)))
-    tg_s = time.perf_counter() - t0
-    res = {"pp_tok_s": n_pp / min(pp), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg, "warm_s": warm_s}
+    tg = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(n_tg):
+            tok = int(np.argmax(m.forward(np.array([tok]), i, cache)))
+        tg.append(time.perf_counter() - t0)
+    tg_s = float(np.median(tg))
+    res = {"pp_tok_s": n_pp / float(np.median(pp)), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg,
+           "warm_s": warm_s, "pp_s_runs": [round(x, 4) for x in pp], "tg_s_runs": [round(x, 4) for x in tg]}
     q = getattr(be, "queue", None)
     if q is not None:
         res["graph_launches"] = q.n_graph_launches
