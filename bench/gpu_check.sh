@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh            E2E_ARGS="--no-cpu --models qwen" bash bench/gpu_check.sh
 #   BASE=.base bash bench/gpu_check.sh   (also times the code in .base, e.g. `git archive HEAD~3 | tar -x -C .base`)
 #   PYTEST_ARGS= bash bench/gpu_check.sh  (every test, not stopping at the first failure)
+#   KERNELS=1 bash bench/gpu_check.sh     (also bench/kernels_cuda.py: decode GEMV launch shapes, attention variants)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyquant-gpu}
@@ -21,6 +22,10 @@ rc=0
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m cuda ${PYTEST_ARGS--x} tests/test_kernels_cuda.py -p no:cacheprovider 2>&1 \
     | tee "$OUT/tests.log" | tail -25 || rc=1
 timeout ${E2E_TIMEOUT:-420} python3 bench/e2e_gpu.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -40 || rc=1
+if [ -n "${KERNELS:-}" ]; then  # decode kernel variants (bench/kernels_cuda.py), each checked, then timed
+    timeout ${KERNELS_TIMEOUT:-200} python3 bench/kernels_cuda.py --json "$OUT/kernels.json" 2>&1 \
+        | grep -v Warning | tail -30 || rc=1
+fi
 if [ -n "${BASE:-}" ]; then  # a baseline checkout (git archive of an older commit), timed on the same machine
     timeout ${BASE_TIMEOUT:-300} python3 bench/e2e_gpu.py --code "$BASE" --no-peer --no-cpu --out "$OUT/base" \
         ${BASE_ARGS:-} 2>&1 | tee "$OUT/base.log" | tail -20 || rc=1

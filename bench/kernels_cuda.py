@@ -133,7 +133,7 @@ def _regs(kern):
 
 # ---- decode attention: variant 2 ---------------------------------------------------------------------------
 
-POS0 = att.POS0
+POS0, MAX_HEAD_DIM = att.POS0, att.MAX_HEAD_DIM  # module-level constants, as the kernels read them
 SPLITS = 8
 CHUNK = 32  # keys a step inside a split
 A_THREADS = 128
@@ -145,7 +145,7 @@ def make_attend2(kind: int):
     @kernel
     def attend2(out, q, kc, ks, vc, vs, params, scale, window, H, G, Dk, Dv, pm, pl, pacc, count):
         """out (1, H, Dv) for one query token; grid (H, SPLITS), A_THREADS threads (4 warps)."""
-        sq = cuda.shared.array(att.MAX_HEAD_DIM, float32)
+        sq = cuda.shared.array(MAX_HEAD_DIM, float32)
         sp = cuda.shared.array(CHUNK, float32)
         red = cuda.shared.array(32, float32)
         last = cuda.shared.array(1, np.int32)
