@@ -41,6 +41,7 @@ ROWS = {
     "gptq q4_1 mix": ("pyquant", {"method": "gptq", "asym": True, "mix": "sensitive"}),
     "awq q4_0": ("pyquant", {"method": "awq"}),
     "awq q4_1": ("pyquant", {"method": "awq", "asym": True}),
+    "awq q4_0 no-clip": ("pyquant", {"method": "awq", "clip": False}),
     "q8_0 (llama.cpp)": ("llama.cpp", "MOSTLY_Q8_0"),
     "smoothquant q8_0": ("pyquant", {"method": "smoothquant"}),
     "smoothquant w8a8": ("pyquant", {"method": "smoothquant", "format": "w8a8"}),
