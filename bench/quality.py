@@ -47,6 +47,7 @@ ROWS = {
     "smoothquant w8a8": ("pyquant", {"method": "smoothquant", "format": "w8a8"}),
     "llm_int8": ("pyquant", {"method": "llm_int8"}),
     "atom w4a4 kv4": ("pyquant", {"method": "atom"}),
+    "atom w4a4 kv16": ("pyquant", {"method": "atom", "kv_bits": 0}),
     "w4a4 kv4 rtn": (
         "pyquant",
         {
@@ -69,10 +70,12 @@ TABLE = (
     "gptq q4_1",
     "gptq q4_1 mix",
     "awq q4_0",
+    "awq q4_0 no-clip",
     "smoothquant q8_0",
     "smoothquant w8a8",
     "llm_int8",
     "atom w4a4 kv4",
+    "atom w4a4 kv16",
     "w4a4 kv4 rtn",
 )
 
