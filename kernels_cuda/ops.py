@@ -17,16 +17,21 @@ from .jit import block_sum, device, gelu_tanh, kernel, silu
 POS0 = 0  # params slot: position of the first token of the batch
 
 
-@kernel
-def rms_norm(y, x, w, eps, D):
-    """y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w; one block per row r."""
-    red = cuda.shared.array(32, float32)
-    o = cuda.blockIdx.x * D
+@device
+def _row_rsqrt(red, x, o, eps, D):
+    """1 / sqrt(mean(x[o:o+D]^2) + eps), over the whole block; red: shared float32 (32,) for block_sum."""
     s = float32(0.0)
     for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
         s += x[o + k] * x[o + k]
     s = block_sum(red, s)
-    rs = 1.0 / math.sqrt(s / D + eps)
+    return 1.0 / math.sqrt(s / D + eps)
+
+
+@kernel
+def rms_norm(y, x, w, eps, D):
+    """y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w; one block per row r."""
+    o = cuda.blockIdx.x * D
+    rs = _row_rsqrt(cuda.shared.array(32, float32), x, o, eps, D)
     for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
         y[o + k] = x[o + k] * rs * w[k]
 
@@ -34,13 +39,8 @@ def rms_norm(y, x, w, eps, D):
 @kernel
 def rms_add(y, x, w, r, eps, D):
     """y[row, :] = r[row, :] + RMSNorm(x[row, :]) * w (a post-norm and the residual add after it); a block a row."""
-    red = cuda.shared.array(32, float32)
     o = cuda.blockIdx.x * D
-    s = float32(0.0)
-    for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
-        s += x[o + k] * x[o + k]
-    s = block_sum(red, s)
-    rs = 1.0 / math.sqrt(s / D + eps)
+    rs = _row_rsqrt(cuda.shared.array(32, float32), x, o, eps, D)
     for k in range(cuda.threadIdx.x, D, cuda.blockDim.x):
         y[o + k] = r[o + k] + x[o + k] * rs * w[k]
 
