@@ -166,11 +166,6 @@ def startup_line(load_s: float, first_token_s: float | None, counts: tuple[int, 
     return f"load: {load_s:.2f} s | first token after launch: {ttft} ({kind})"
 
 
-def _compile_counts(model):
-    counts = getattr(model.backend, "compile_counts", None)
-    return counts() if counts else None
-
-
 def run(args) -> int:
     from .cli import LAUNCHED
 
@@ -184,7 +179,7 @@ def run(args) -> int:
     for tok in generate_tokens(model, prompt_ids, max_tokens=args.n_predict, stats=stats, **sampling_options(args)):
         if first_token_s is None:
             first_token_s = time.perf_counter() - LAUNCHED
-            counts = _compile_counts(model)  # decode kernels come later; prefill's decide the label
+            counts = model.backend.compile_counts()  # decode kernels come later; prefill's decide the label
         sys.stdout.write(stream.push(tok))
         sys.stdout.flush()
         if stream.stopped:
@@ -193,7 +188,7 @@ def run(args) -> int:
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
     if first_token_s is None:
-        counts = _compile_counts(model)
+        counts = model.backend.compile_counts()
     print(f"{startup_line(load_s, first_token_s, counts)} | backend {model.backend.name}", file=sys.stderr)
     print(stats.line(), file=sys.stderr)
     return 0
