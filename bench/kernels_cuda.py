@@ -97,7 +97,7 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
         s0 = args[-1]
         ref = None
         rows = []
-        for bps in (1, 2) if SIM else (1, 2, 3, 4, 6, 8):
+        for bps in (1, 2) if SIM else (2, 4, 8, 16):
             for s in sorted({1, 2, 4, 8, s0}):
                 grid, _, _ = mv.gemv1_launch(n, k, be.n_sm, bps, s)
                 item = (kern, grid, block, args[:-1] + (s,))
@@ -111,9 +111,11 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
                 gbs = sum(w.nbytes for w in ws) / us / 1e3
                 rows.append({"blocks_per_sm": bps, "split": s, "grid": grid, "us": round(us, 2),
                              "GB/s": round(gbs, 1), "max_rel_err": err, "default": grid == grid0 and s == s0})
-                if err > 1e-5:
-                    raise AssertionError(f"{name}: blocks/SM {bps}, S {s}: max rel err {err:.2e}")
-        best = min(rows, key=lambda r: r["us"] if not math.isnan(r["us"]) else 0)
+                if err > 1e-5:  # reported, not timed as a winner
+                    print(f"{name}: blocks/SM {bps}, S {s}: max rel err {err:.2e} against the default launch",
+                          flush=True)
+        ok = [r for r in rows if r["max_rel_err"] <= 1e-5]
+        best = min(ok, key=lambda r: r["us"] if not math.isnan(r["us"]) else 0)
         dflt = next(r for r in rows if r["default"]) if any(r["default"] for r in rows) else rows[0]
         regs = _regs(kern)
         print(f"{name:28} default {dflt['us']:7.1f} us ({dflt['GB/s']:6.0f} GB/s, grid {grid0}, S {s0}); best "

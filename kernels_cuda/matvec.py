@@ -13,10 +13,12 @@ of the row, two a step, decodes them once and dots them with every token's activ
 Activations are flat float32.
 
 Decode GEMV (`gemv1_kernel`, one token, K <= STAGE): a block of 8 warps writes in(x) once into shared memory
-(value 8u + i at i * K/8 + u, so the lanes of a warp read consecutive words), then takes rows in a grid-stride
-loop, S warps a row (S = 1..8, each a share of the row's groups, partial sums added in shared memory). One
-launch computes up to three products of the same input (rows of weight 1, then 2, then 3: attention's q, k, v),
-or, gated (`glu`), rows n of two weights together and h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU).
+(RMSNorm's 1/rms left out: it scales the dot products), then takes rows in a grid-stride loop, S warps a row
+(S = 1..8), each lane a unit of 32 values at a time (a block, or a K-quant sub-block: all of its loads issued
+before its arithmetic), partial sums added in shared memory. Rows of 896 values are one unit a lane, so a row
+costs one memory round trip. One launch computes up to three products of the same input (rows of weight 1,
+then 2, then 3: attention's q, k, v), or, gated (`glu`), rows n of two weights together and
+h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ GEMV_WARPS = 16 if SIM else 4  # rows per block (the simulator pays per block: f
 HAS_BIAS, HAS_RES, HAS_BIAS2, HAS_BIAS3 = 1, 2, 4, 8
 STAGE = 8192  # floats of staged input (32 KB of shared memory): the longest row the decode GEMV takes
 WARPS1 = 8  # warps per block of the decode GEMV
-BLOCKS_PER_SM = 1 if SIM else 4  # the decode GEMV's grid (the simulator pays per thread: one block)
+BLOCKS_PER_SM = 1 if SIM else 8  # the decode GEMV's grid cap (the simulator pays per thread: one block)
 
 
 @device
@@ -120,90 +122,259 @@ def gemv_grid(n_rows: int) -> tuple[int, int]:
 
 # ---- decode GEMV: one token, up to three weights over one input, or a gated pair ---------------------------
 
-_DOT: dict = {}
+UNIT = 32  # values a lane takes at once: one block (32-value formats) or one sub-block (K-quants)
+U32, I32, U64 = np.uint32, np.int32, np.uint64
+# Units are straight-line code on 32-bit integers with unsigned indices: numba widens integer arithmetic to
+# 64 bits and guards signed indices against wraparound, and the casts let LLVM narrow both away (the PTX of
+# a q5_0 unit: 9 instructions a value instead of 30). The staged input of unit u is xs[33u ..], its sum xsum[u].
 
 
-def _dot_fn(fmt):
-    """dot(q, d, n, xs, ng, u0, step): row n's groups u0, u0 + step, ... dotted with the staged input."""
-    if fmt.name in _DOT:
-        return _DOT[fmt.name]
-    dec8, gpb = fmt.dec8, fmt.block_values // 8
+@device
+def _q5_word(w, qh, j0, xs, b):
+    """Values j0..j0+3 (low nibbles of w) and j0+16..j0+19 (high), the fifth bit from qh, dotted with xs."""
+    s = float32(0.0)
+    for i in range(4):
+        lo = U32(U32(w >> U32(8 * i)) & U32(15)) | U32(U32(U32(qh >> U32(j0 + i)) & U32(1)) << U32(4))
+        hi = U32(U32(w >> U32(8 * i + 4)) & U32(15)) | U32(U32(U32(qh >> U32(j0 + i + 16)) & U32(1)) << U32(4))
+        s += (float32(I32(I32(lo) - I32(16))) * xs[b + U64(j0 + i)]
+              + float32(I32(I32(hi) - I32(16))) * xs[b + U64(j0 + i + 16)])
+    return s
+
+
+@device
+def _unit_q5_0(q, d, n, xs, xsum, u):
+    uu, nn = U64(u), U64(n)
+    o = U64(5) * uu
+    qh, w0, w1, w2, w3 = q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)]
+    b = U64(UNIT + 1) * uu
+    s = _q5_word(w0, qh, 0, xs, b) + _q5_word(w1, qh, 4, xs, b) + _q5_word(w2, qh, 8, xs, b)
+    return d[nn, uu] * (s + _q5_word(w3, qh, 12, xs, b))
+
+
+@device
+def _i8_word(w, j0, xs, b):
+    """The four signed bytes of w dotted with xs[b + j0 ..]."""
+    s = float32(0.0)
+    for i in range(4):
+        s += float32(I32(I32(U32(w << U32(24 - 8 * i))) >> I32(24))) * xs[b + U64(j0 + i)]
+    return s
+
+
+@device
+def _unit_q8_0(q, d, n, xs, xsum, u):
+    uu, nn = U64(u), U64(n)
+    o = U64(8) * uu
+    b = U64(UNIT + 1) * uu
+    s = (_i8_word(q[nn, o], 0, xs, b) + _i8_word(q[nn, o + U64(1)], 4, xs, b)
+         + _i8_word(q[nn, o + U64(2)], 8, xs, b) + _i8_word(q[nn, o + U64(3)], 12, xs, b)
+         + _i8_word(q[nn, o + U64(4)], 16, xs, b) + _i8_word(q[nn, o + U64(5)], 20, xs, b)
+         + _i8_word(q[nn, o + U64(6)], 24, xs, b) + _i8_word(q[nn, o + U64(7)], 28, xs, b))
+    return d[nn, uu] * s
+
+
+@device
+def _nib_word(w, sh, j0, xs, b):
+    """The four nibbles at bit sh of each byte of w dotted with xs[b + j0 ..]."""
+    s = float32(0.0)
+    for i in range(4):
+        s += float32(I32(U32(w >> U32(8 * i + sh)) & U32(15))) * xs[b + U64(j0 + i)]
+    return s
+
+
+@device
+def _scale_byte(s0, s1, s2, k):
+    """Byte k (0..11) of the K-quant scales field held in the words s0, s1, s2."""
+    w = s0 if k < 4 else (s1 if k < 8 else s2)
+    return U32(U32(w >> U32(8 * (k % 4))) & U32(255))
+
+
+@device
+def _unit_q4_k(q, d, n, xs, xsum, u):
+    uu, nn = U64(u), U64(n)
+    blk = uu // U64(8)
+    j = u % 8  # sub-block: 32 values, the low (even j) or high nibbles of qs bytes 32 (j // 2) ..
+    o = U64(35) * blk
+    s0, s1, s2 = q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)]
+    if j < 4:
+        sc = U32(_scale_byte(s0, s1, s2, j) & U32(63))
+        m = U32(_scale_byte(s0, s1, s2, j + 4) & U32(63))
+    else:
+        hi = _scale_byte(s0, s1, s2, j + 4)
+        sc = U32(hi & U32(15)) | U32(U32(_scale_byte(s0, s1, s2, j - 4) >> U32(6)) << U32(4))
+        m = U32(hi >> U32(4)) | U32(U32(_scale_byte(s0, s1, s2, j) >> U32(6)) << U32(4))
+    oq = o + U64(3) + U64(8) * U64(j // 2)
+    sh = 4 * (j % 2)
+    b = U64(UNIT + 1) * uu
+    s = (_nib_word(q[nn, oq], sh, 0, xs, b) + _nib_word(q[nn, oq + U64(1)], sh, 4, xs, b)
+         + _nib_word(q[nn, oq + U64(2)], sh, 8, xs, b) + _nib_word(q[nn, oq + U64(3)], sh, 12, xs, b)
+         + _nib_word(q[nn, oq + U64(4)], sh, 16, xs, b) + _nib_word(q[nn, oq + U64(5)], sh, 20, xs, b)
+         + _nib_word(q[nn, oq + U64(6)], sh, 24, xs, b) + _nib_word(q[nn, oq + U64(7)], sh, 28, xs, b))
+    return d[nn, U64(2) * blk] * float32(sc) * s - d[nn, U64(2) * blk + U64(1)] * float32(m) * xsum[uu]
+
+
+@device
+def _q6_word(lo, hi, shl, shh, j0, xs, b):
+    """Four 6-bit codes (nibbles at bit shl of lo's bytes, 2 bits at shh of hi's) dotted with xs[b + j0 ..]."""
+    s = float32(0.0)
+    for i in range(4):
+        c = U32(U32(lo >> U32(8 * i + shl)) & U32(15)) | U32(U32(U32(hi >> U32(8 * i + shh)) & U32(3)) << U32(4))
+        s += float32(I32(c)) * xs[b + U64(j0 + i)]
+    return s
+
+
+@device
+def _unit_q6_k(q, d, n, xs, xsum, u):
+    uu, nn = U64(u), U64(n)
+    blk = uu // U64(8)
+    j = u % 8  # values 32j ..: half h = j // 4, quarter k = j % 4
+    h, k = j // 4, j % 4
+    o = U64(52) * blk
+    ol = o + U64(16 * h + 8 * (k % 2))
+    oh = o + U64(32 + 8 * h)
+    shl, shh = 4 * (k // 2), 2 * k
+    b = U64(UNIT + 1) * uu
+    sa = (_q6_word(q[nn, ol], q[nn, oh], shl, shh, 0, xs, b)
+          + _q6_word(q[nn, ol + U64(1)], q[nn, oh + U64(1)], shl, shh, 4, xs, b)
+          + _q6_word(q[nn, ol + U64(2)], q[nn, oh + U64(2)], shl, shh, 8, xs, b)
+          + _q6_word(q[nn, ol + U64(3)], q[nn, oh + U64(3)], shl, shh, 12, xs, b))
+    sb = (_q6_word(q[nn, ol + U64(4)], q[nn, oh + U64(4)], shl, shh, 16, xs, b)
+          + _q6_word(q[nn, ol + U64(5)], q[nn, oh + U64(5)], shl, shh, 20, xs, b)
+          + _q6_word(q[nn, ol + U64(6)], q[nn, oh + U64(6)], shl, shh, 24, xs, b)
+          + _q6_word(q[nn, ol + U64(7)], q[nn, oh + U64(7)], shl, shh, 28, xs, b))
+    ws = q[nn, o + U64(48) + U64(j // 2)]  # the int8 scales of the unit's two halves of 16
+    sh = 16 * (j % 2)
+    sc_a = float32(I32(I32(U32(ws << U32(24 - sh))) >> I32(24)))
+    sc_b = float32(I32(I32(U32(ws << U32(16 - sh))) >> I32(24)))
+    # codes are stored + 32: sum (c - 32) x = sum c x - 32 sum x, per half of 16
+    xa = float32(0.0)
+    for i in range(16):
+        xa += xs[b + U64(i)]
+    return d[nn, blk] * (sc_a * (sa - float32(32.0) * xa) + sc_b * (sb - float32(32.0) * (xsum[uu] - xa)))
+
+
+_STRAIGHT = {"q5_0": _unit_q5_0, "q8_0": _unit_q8_0, "q4_k": _unit_q4_k, "q6_k": _unit_q6_k}
+_NEEDS_SUM = ("q4_k", "q6_k")  # units that read xsum (mins, code offsets)
+_UNIT: dict = {}
+
+
+def _unit_fn(fmt):
+    """unit(q, d, n, xs, xsum, u): values 32u..32u+31 of row n dotted with the staged input."""
+    if fmt.name in _STRAIGHT:
+        return _STRAIGHT[fmt.name]
+    if fmt.name in _UNIT:
+        return _UNIT[fmt.name]
+    dec8, upb = fmt.dec8, fmt.block_values // UNIT
 
     @device
-    def dot(q, d, n, xs, ng, u0, step):
+    def unit(q, d, n, xs, xsum, u):  # the other formats through their 8-value decoders
         v = cuda.local.array(8, float32)
-        v2 = cuda.local.array(8, float32)
+        blk = u // upb
+        g0 = (u % upb) * 4
         acc = float32(0.0)
-        for u in range(u0, ng, 2 * step):  # two groups a step: their loads go out together
-            u2 = min(u + step, ng - 1)  # past the end: a valid group, weighted 0
-            w2 = float32(1.0) if u + step < ng else float32(0.0)
-            dec8(q, d, n, u // gpb, u % gpb, v)
-            dec8(q, d, n, u2 // gpb, u2 % gpb, v2)
+        for j in range(4):
+            dec8(q, d, n, blk, g0 + j, v)
             s = float32(0.0)
-            s2 = float32(0.0)
             for i in range(8):
-                s += v[i] * xs[i * ng + u]
-                s2 += v2[i] * xs[i * ng + u2]
-            acc += s + w2 * s2
+                s += v[i] * xs[(UNIT + 1) * u + 8 * j + i]
+            acc += s
         return acc
 
-    _DOT[fmt.name] = dot
-    return dot
+    _UNIT[fmt.name] = unit
+    return unit
+
+
+def stage_units(K: int) -> int:
+    """Units of staged input a decode GEMV kernel holds (its shared array is sized at compile time)."""
+    u = 32
+    while u * UNIT < K:
+        u *= 2
+    return u
 
 
 _GEMV1: dict = {}
 
 
-def gemv1_kernel(types: tuple, mode: int, glu: int):
-    """The decode GEMV over weights of `types` (1-3), input `mode`, gated by `glu` (0, SWIGLU or GEGLU)."""
-    key = (types, mode, glu)
+def gemv1_kernel(types: tuple, mode: int, glu: int, K: int):
+    """The decode GEMV over weights of `types` (1-3), input `mode`, gated by `glu` (0, SWIGLU or GEGLU), for
+    rows of K values (K <= STAGE)."""
+    key = (types, mode, glu, stage_units(K))
     kern = _GEMV1.get(key)
     if kern is None:
         fmts = tuple(GPU_FORMATS[t] for t in types)
-        kern = _GEMV1[key] = _make_gemv1((fmts + (fmts[0],) * 2)[:3], mode, glu)
+        kern = _GEMV1[key] = _make_gemv1((fmts + (fmts[0],) * 2)[:3], mode, glu, key[3])
     return kern
 
 
-def _make_gemv1(fmts, mode, glu):
-    dot1, dot2, dot3 = (_dot_fn(f) for f in fmts)
+def _make_gemv1(fmts, mode, glu, units):
+    unit1, unit2, unit3 = (_unit_fn(f) for f in fmts)
+    need_sum = any(f.name in _NEEDS_SUM for f in fmts)
+    n_stage = (UNIT + 1) * units  # one padding word a unit: lane l reading unit l hits bank l + i
 
     @kernel
     def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
-        xs = cuda.shared.array(STAGE, float32)
+        xs = cuda.shared.array(n_stage, float32)
+        xsum = cuda.shared.array(units, float32)
         red = cuda.shared.array(32, float32)
         pa = cuda.shared.array(WARPS1, float32)
         pb = cuda.shared.array(WARPS1, float32)
         tid = cuda.threadIdx.x
-        ng = K // 8
+        nt = cuda.blockDim.x
+        # Stage in(x) without RMSNorm's 1/rms, which scales the dot products instead: one pass over x, four
+        # loads a thread a step (clamped in range, stored only when in range) so they are in flight together.
+        ssq = float32(0.0)
+        for k0 in range(tid, K, 4 * nt):
+            for j in range(4):
+                k = k0 + j * nt
+                kk = min(k, K - 1)
+                xv = x[kk]
+                if mode == RMS:
+                    val = xv * nw[kk]
+                elif mode == SWIGLU:
+                    val = silu(xv) * x2[kk]
+                elif mode == GEGLU:
+                    val = gelu_tanh(xv) * x2[kk]
+                else:
+                    val = xv
+                if k < K:
+                    ssq += xv * xv
+                    xs[(UNIT + 1) * (k // UNIT) + k % UNIT] = val
+        if need_sum:  # each unit's sum, a thread a unit
+            cuda.syncthreads()
+            for uq in range(tid, K // UNIT, nt):
+                t = float32(0.0)
+                for i in range(UNIT):
+                    t += xs[(UNIT + 1) * uq + i]
+                xsum[uq] = t
         rs = float32(1.0)
         if mode == RMS:
-            s = float32(0.0)
-            for k in range(tid, K, cuda.blockDim.x):
-                s += x[k] * x[k]
-            s = block_sum(red, s)
-            rs = 1.0 / math.sqrt(s / K + eps)
-        for k in range(tid, K, cuda.blockDim.x):
-            xs[(k % 8) * ng + k // 8] = _input(mode, x, x2, nw, rs, 0, K, k)
+            rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
         cuda.syncthreads()
         warp = tid // 32
         lane = tid % 32
         sub = warp % S
-        per = (cuda.blockDim.x // 32) // S  # rows a block takes a step
+        per = (nt // 32) // S  # rows a block takes a step
         rows = n1 if glu else n1 + n2 + n3
+        nu = K // UNIT
         u0 = sub * 32 + lane
+        step = 32 * S
         for it in range(cuda.blockIdx.x, (rows + per - 1) // per, cuda.gridDim.x):
             r = it * per + warp // S
             rr = min(r, rows - 1)
+            a = float32(0.0)
             b = float32(0.0)
             if glu:
-                a = dot1(q1, d1, rr, xs, ng, u0, 32 * S)
-                b = dot2(q2, d2, rr, xs, ng, u0, 32 * S)
+                for u in range(u0, nu, step):  # both weights' loads in one iteration
+                    a += unit1(q1, d1, rr, xs, xsum, u)
+                    b += unit2(q2, d2, rr, xs, xsum, u)
             elif rr < n1:
-                a = dot1(q1, d1, rr, xs, ng, u0, 32 * S)
+                for u in range(u0, nu, step):
+                    a += unit1(q1, d1, rr, xs, xsum, u)
             elif rr < n1 + n2:
-                a = dot2(q2, d2, rr - n1, xs, ng, u0, 32 * S)
+                for u in range(u0, nu, step):
+                    a += unit2(q2, d2, rr - n1, xs, xsum, u)
             else:
-                a = dot3(q3, d3, rr - n1 - n2, xs, ng, u0, 32 * S)
+                for u in range(u0, nu, step):
+                    a += unit3(q3, d3, rr - n1 - n2, xs, xsum, u)
             a = warp_sum(a)
             if glu:
                 b = warp_sum(b)
@@ -219,7 +390,7 @@ def _make_gemv1(fmts, mode, glu):
                     b += pb[warp - sub + j]
                 cuda.syncthreads()
             if sub == 0 and lane == 0 and r < rows:
-                _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b)
+                _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
 
     return gemv1
 
@@ -252,11 +423,12 @@ def _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b):
 
 def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_SM,
                  split: int | None = None) -> tuple[int, int, int]:
-    """(grid, block, S) of the decode GEMV: S warps a row, more while a lane would take over 4 groups of 8, or
-    while the rows give under 16 warps an SM (and a lane still takes 2 groups); the grid a few blocks an SM.
-    (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
-    ng, s = K // 8, 1
-    while s < WARPS1 and (ng > 128 * s or (rows * s < 16 * n_sm and ng > 64 * s)):
+    """(grid, block, S) of the decode GEMV: S warps a row while the rows give under 8 warps an SM and a lane
+    still has a unit of 32 values (more warps a row measured slower for 896 rows of 4864: each block stages
+    the whole input); the grid covers the rows in one step up to `blocks_per_sm` blocks an SM, which then
+    loop. (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
+    nu, s = K // UNIT, 1
+    while s < WARPS1 and rows * s < 8 * n_sm and nu > 32 * s:
         s *= 2
     s = split or s
     per = WARPS1 // s

@@ -63,7 +63,9 @@ def be():
 
 @pytest.mark.parametrize("type", GEMV_TYPES)
 def test_gemv_matches_dequantized_matmul(be, type):
-    k = 512 if type in ("q4_k", "q5_k", "q6_k") else 320  # lanes with a second group of 8 in a step, and without
+    # K-quants: 72 units of 32 values, two warps a row in the decode GEMV, lanes with a second unit and without;
+    # 32-value formats: 10 units, lanes with none
+    k = 2304 if type in ("q4_k", "q5_k", "q6_k") else 320
     t = make_weight(type, ROWS, k, seed=1)
     w = be.weight(t)
     for n_tok in (1, 3):
@@ -98,8 +100,8 @@ def test_gemv_fusions(be):
 
 
 def test_decode_gemv_joins(be):
-    """One token: products of one input join one launch (q, k, v of two types, each with a bias, rows split
-    over 2 warps at K = 576), the gate joins the pair gate/up, a residual joins the product that feeds it."""
+    """One token: products of one input join one launch (q, k, v of two types, each with a bias), the gate
+    joins the pair gate/up, a residual joins the product that feeds it."""
     ref_be = NumpyBackend(cache_type="f32", act_quant=False)
     rng = np.random.default_rng(6)
     k = 576
