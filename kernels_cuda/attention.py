@@ -12,7 +12,13 @@ as float16).
 cache (RoPE left to the backend's pending op until here, so q and k are not written and read back first).
 
 `attend`: a block per (query head, token), 128 threads; keys in chunks of 128, a thread per key for the
-scores, an online softmax (running max and sum), then a thread per output dim accumulates p * V.
+scores, an online softmax (running max and sum), then a thread per output dim accumulates p * V (prefill).
+
+`attend1` (decode, one token): a head's keys split over SPLITS blocks (the grid must not depend on the
+position: the step is replayed as a graph), each block in chunks of CHUNK keys: a warp takes KB keys at once
+with the lanes across the head (coalesced rows, all KB rows' loads out together), an online softmax, then
+threads across the value dims (two key groups for heads of 64) accumulate p * V four keys a step. Each split
+leaves (max, sum, acc) in scratch; the last block of a head to finish (an atomic count, reset by it) merges.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .jit import block_max, block_sum, device, kernel
+from .jit import SIM, block_max, block_sum, device, kernel, warp_sum
 from .ops import POS0, rope_val
 
 F32, F16, Q8_0, Q4_0 = range(4)
 CACHE_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 MAX_HEAD_DIM = 256
 THREADS = 128
+SPLITS = 8  # blocks a head in decode attention
+CHUNK = 16 if SIM else 64  # keys a decode block scores at once (the simulator: reach several chunks cheaply)
 
 
 def cache_arrays(kind: int, n_values: int):
@@ -233,3 +241,142 @@ def _make_attend(kind):
             out[o + tid + THREADS] = acc1 / lsum
 
     return attend
+
+
+_ATTEND1: dict = {}
+
+
+def attend1_kernel(kind: int, dk: int, dv: int):
+    key = (kind, dk, dv)
+    if key not in _ATTEND1:
+        _ATTEND1[key] = _make_attend1(kind, dk, dv)
+    return _ATTEND1[key]
+
+
+def attend1_scratch(n_head: int, dv: int):
+    """(pm, pl, pacc, count) of attend1: per (head, split) max, sum and accumulator; per head a zeroed count."""
+    return (cuda.device_array(n_head * SPLITS, np.float32), cuda.device_array(n_head * SPLITS, np.float32),
+            cuda.device_array(n_head * SPLITS * dv, np.float32), cuda.to_device(np.zeros(n_head, np.int32)))
+
+
+def _make_attend1(kind, dk, dv):
+    load = LOADERS[kind]
+    lane_dims = dk // 32  # K values a lane reads of each key
+    kb = max(1, 8 // lane_dims)  # keys a warp scores at once: 8 loads a lane in flight
+    groups = 2 if dv <= THREADS // 2 else 1  # key groups of the p * V sums
+    gthreads = THREADS // groups
+    vdims = -(-dv // gthreads)  # value dims a thread accumulates (1 or 2)
+
+    @kernel
+    def attend1(out, q, kc, ks, vc, vs, params, scale, window, H, G, pm, pl, pacc, count):
+        """out (1, H, dv) for the token at params[POS0]; grid (H, SPLITS), THREADS threads."""
+        sq = cuda.shared.array(MAX_HEAD_DIM, float32)
+        sp = cuda.shared.array(CHUNK, float32)
+        red = cuda.shared.array(32, float32)
+        sacc = cuda.shared.array(MAX_HEAD_DIM, float32)
+        last = cuda.shared.array(1, np.int32)
+        h = cuda.blockIdx.x
+        sid = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        g = h // (H // G)
+        qpos = params[POS0]
+        start = qpos - window + 1 if window > 0 and qpos - window + 1 > 0 else 0
+        per = (qpos + 1 - start + SPLITS - 1) // SPLITS
+        k0 = start + sid * per
+        k1 = min(k0 + per, qpos + 1)
+        for i in range(tid, dk, THREADS):
+            sq[i] = q[h * dk + i] * scale
+        cuda.syncthreads()
+        m = float32(-math.inf)
+        lsum = float32(0.0)
+        acc0 = float32(0.0)
+        acc1 = float32(0.0)
+        grp = tid // gthreads
+        dim0 = tid % gthreads
+        for c0 in range(k0, k1, CHUNK):
+            cn = min(CHUNK, k1 - c0)
+            # a warp kb keys at once, lanes across the head (the simulator's warp_sum is a block barrier: every
+            # warp runs the whole chunk there)
+            for j0 in range(warp * kb, CHUNK if SIM else cn, 4 * kb):
+                part = cuda.local.array(8, float32)
+                for b in range(kb):
+                    part[b] = float32(0.0)
+                for i in range(lane_dims):
+                    qi = sq[lane + 32 * i]
+                    for b in range(kb):
+                        kr = min(c0 + j0 + b, k1 - 1)
+                        part[b] += qi * load(kc, ks, (kr * G + g) * dk + lane + 32 * i)
+                for b in range(kb):
+                    sc = warp_sum(part[b])
+                    if lane == 0 and j0 + b < CHUNK:
+                        sp[j0 + b] = sc if j0 + b < cn else float32(-math.inf)
+            cuda.syncthreads()
+            v = sp[tid] if tid < cn else float32(-math.inf)
+            m_new = max(m, block_max(red, v))
+            p = math.exp(v - m_new) if tid < cn else float32(0.0)
+            if tid < CHUNK:
+                sp[tid] = p
+            corr = math.exp(m - m_new)
+            lsum = lsum * corr + block_sum(red, p)
+            m = m_new
+            acc0 *= corr
+            acc1 *= corr
+            stride = G * dv
+            for vd in range(vdims):
+                dim = dim0 + vd * gthreads
+                if dim < dv:
+                    a = float32(0.0)
+                    base = (c0 * G + g) * dv + dim
+                    j = grp
+                    while j + 3 * groups < cn:  # four keys a step, loads issued together
+                        a += (sp[j] * load(vc, vs, base + j * stride)
+                              + sp[j + groups] * load(vc, vs, base + (j + groups) * stride)
+                              + sp[j + 2 * groups] * load(vc, vs, base + (j + 2 * groups) * stride)
+                              + sp[j + 3 * groups] * load(vc, vs, base + (j + 3 * groups) * stride))
+                        j += 4 * groups
+                    while j < cn:
+                        a += sp[j] * load(vc, vs, base + j * stride)
+                        j += groups
+                    if vd == 0:
+                        acc0 += a
+                    else:
+                        acc1 += a
+            cuda.syncthreads()
+        if groups == 2:  # the second key group's sums onto the first's
+            if grp == 1 and dim0 < dv:
+                sacc[dim0] = acc0
+            cuda.syncthreads()
+            if grp == 0 and dim0 < dv:
+                acc0 += sacc[dim0]
+        o = h * SPLITS + sid
+        if tid == 0:
+            pm[o] = m
+            pl[o] = lsum
+        if grp == 0:
+            for vd in range(vdims):
+                dim = dim0 + vd * gthreads
+                if dim < dv:
+                    pacc[o * dv + dim] = acc0 if vd == 0 else acc1
+        cuda.threadfence()
+        cuda.syncthreads()
+        if tid == 0:
+            last[0] = 1 if cuda.atomic.add(count, h, 1) == SPLITS - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 1:  # the last split of head h to finish merges them all
+            mm = float32(-math.inf)
+            for s2 in range(SPLITS):
+                mm = max(mm, pm[h * SPLITS + s2])
+            tot = float32(0.0)
+            for s2 in range(SPLITS):
+                tot += pl[h * SPLITS + s2] * math.exp(pm[h * SPLITS + s2] - mm)
+            for dim in range(tid, dv, THREADS):
+                a = float32(0.0)
+                for s2 in range(SPLITS):
+                    a += pacc[(h * SPLITS + s2) * dv + dim] * math.exp(pm[h * SPLITS + s2] - mm)
+                out[h * dv + dim] = a / tot
+            if tid == 0:
+                count[h] = 0
+
+    return attend1

@@ -126,6 +126,7 @@ class CudaBackend:
         self._dummy = cuda.to_device(np.zeros(1, np.float32))
         self._dummy2 = cuda.to_device(np.zeros((1, 1), np.float32))
         self._rope: dict = {}
+        self._att1: dict = {}  # decode attention's split scratch by (heads, value dims)
         self._n_ctx = 0
         self._step: Step | None = None  # the last decode step recorded, see replay_step
         self._step_params = np.zeros(2, np.int32) if SIM else cuda.pinned_array(2, np.int32)
@@ -431,6 +432,13 @@ class CudaBackend:
         self.queue.add(att.rope_store_kernel(cache.kind), *ops.grid1(n_thr, 128), q.buf, qsrc.buf, kc, ks,
                        ksrc.buf, vc, vs, v.buf, cos, sin, pd, t, n_head, g, dk, dv, n_rot, neox, rot)
         y = self._out((t, n_head * dv))
+        if t == 1:
+            scratch = self._att1.get((n_head, dv))
+            if scratch is None:
+                scratch = self._att1[(n_head, dv)] = att.attend1_scratch(n_head, dv)
+            self.queue.add(att.attend1_kernel(cache.kind, dk, dv), (n_head, att.SPLITS), att.THREADS, y.buf, q.buf,
+                           kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, *scratch)
+            return y
         self.queue.add(att.attend_kernel(cache.kind), (n_head, t), att.THREADS, y.buf, q.buf, kc, ks, vc, vs, pd,
                        _f32(float(scale)), int(window), n_head, g, dk, dv)
         return y

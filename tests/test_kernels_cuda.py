@@ -262,6 +262,47 @@ def test_attention_over_cache_types(cache_type, window):
     assert rel(got, want) < (1e-6 if cache_type != "f16" else 1e-3), rel(got, want)
 
 
+@pytest.mark.parametrize("cache_type", ["f16"] if SIM else ["f32", "f16"])
+def test_decode_attention_long_context(cache_type):
+    """Decode attention (attend1: keys split over blocks, chunks of keys, merged by the last block) against
+    float64 softmax attention at contexts from 1 key to several chunks per split, with and without a window,
+    heads of 64 (two key groups) and 256 (two value dims a thread)."""
+    from numba import cuda
+
+    from kernels_cuda import attention as att
+
+    rng = np.random.default_rng(12)
+    be = CudaBackend(cache_type=cache_type)
+    n_ctx = 8 * att.CHUNK * att.SPLITS // 4 if SIM else 4096
+    ctxs = (37, n_ctx) if SIM else (1, 37, 300, 2048, 4096)
+    for h, g, d in ((2, 1, 64), (2, 1, 256)) if SIM else ((14, 2, 64), (4, 1, 256)):
+        kc, ks = att.cache_arrays(att.CACHE_TYPES[cache_type], n_ctx * g * d)
+        vc, vs = att.cache_arrays(att.CACHE_TYPES[cache_type], n_ctx * g * d)
+        kv = rng.standard_normal((2, n_ctx * g * d)).astype(np.float16 if cache_type == "f16" else np.float32)
+        kc.copy_to_device(kv[0])
+        vc.copy_to_device(kv[1])
+        kk, vv = (a.astype(np.float64).reshape(n_ctx, g, d) for a in kv)
+        qh = rng.standard_normal(h * d).astype(np.float32)
+        scratch = att.attend1_scratch(h, d)
+        y = cuda.device_array(h * d, np.float32)
+        for ctx in ctxs:
+            for window in (0, 50) if ctx > 50 else (0,):
+                be.queue.params_host[0] = ctx - 1
+                be.queue.params_dev.copy_to_device(be.queue.params_host)
+                item = (att.attend1_kernel(att.CACHE_TYPES[cache_type], d, d), (h, att.SPLITS), att.THREADS,
+                        (y, cuda.to_device(qh), kc, ks, vc, vs, be.queue.params_dev, np.float32(0.125), window, h, g,
+                         *scratch))
+                be.queue.run_eager([item])
+                got = y.copy_to_host().reshape(h, d)
+                lo = max(0, ctx - window) if window else 0
+                want = np.empty((h, d))
+                for hh in range(h):
+                    sc = kk[lo:ctx, hh // (h // g)] @ (qh[hh * d : (hh + 1) * d].astype(np.float64) * 0.125)
+                    p = np.exp(sc - sc.max())
+                    want[hh] = p @ vv[lo:ctx, hh // (h // g)] / p.sum()
+                assert rel(got, want) < 2e-6, (h, d, ctx, window, rel(got, want))
+
+
 # ---- 4. the backend in the transformer ------------------------------------------------------------------------
 
 
