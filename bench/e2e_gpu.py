@@ -95,6 +95,8 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
         t0 = time.perf_counter()
         m.forward(prompt, 0, cache)
         pp.append(time.perf_counter() - t0)
+    q = getattr(be, "queue", None)
+    pp_items = list(q.last_sig or ()) if q is not None else []  # the prefill's launches (one flush)
     tok = int(prompt[0])
     for i in range(3):  # compiles, then captures the decode graph
         m.forward(np.array([tok]), i, cache)
@@ -107,7 +109,6 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
     tg_s = float(np.median(tg))
     res = {"pp_tok_s": n_pp / float(np.median(pp)), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg,
            "warm_s": warm_s, "pp_s_runs": [round(x, 4) for x in pp], "tg_s_runs": [round(x, 4) for x in tg]}
-    q = getattr(be, "queue", None)
     if q is not None:
         res["graph_launches"] = q.n_graph_launches
         res["replays"] = getattr(be, "n_replays", 0)
@@ -124,6 +125,7 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
             # everything but the graph: parameter copy, launch, logits copy, argmax (and any Python rebuild)
             res["host_ms_per_token"] = tg_s / n_tg * 1e3 - res["graph_ms_per_token"]
         res["kernel_us"] = kernel_profile(q, q.last_sig)
+        res["prefill_kernel_us"] = kernel_profile(q, pp_items, reps=3)
         res["kernel_resources"] = kernel_resources()
         t0 = time.perf_counter()  # building the step in Python: ops queued, nothing launched
         flush, q.flush = q.flush, lambda: q.items.clear()
