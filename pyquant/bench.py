@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 DEVICES = {"cpu": ("pyquant", "llama.cpp"), "cuda": ("pyquant", "torch fp16")}  # device -> (ours, peer)
 SHORT_PROMPT = 8
@@ -144,13 +145,23 @@ def _measure_torch(spec: dict, t_start: float) -> dict:
     try:
         import torch
         from transformers import AutoModelForCausalLM, DynamicCache
+        from transformers.utils import logging as hf_logging
     except ModuleNotFoundError as e:
         raise Unavailable(f"{e.name} is not installed (pip install 'pyquant[convert]')") from None
     if not torch.cuda.is_available():
         raise Unavailable(f"torch {torch.__version__} sees no CUDA device")
     folder, name = os.path.split(os.path.abspath(spec["model"]))
-    try:  # transformers dequantizes the GGUF; it knows fewer architectures than pyquant
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float16)
+    hf_logging.disable_progress_bar()  # a bar on stderr between our log lines
+    # newer versions rename past_key_values (to `cache`); the old name works in every version we meet
+    warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+    try:  # recent transformers keep GGUF blocks packed where they have a kernel: the peer is dense fp16
+        from transformers import GgufConfig
+
+        dense = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older versions always dequantize
+        dense = {}
+    try:  # it knows fewer architectures than pyquant
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float16, **dense)
     except Exception as e:
         raise Unavailable(f"transformers cannot load it: {type(e).__name__}: {e}") from None
     model = model.to("cuda").eval()
@@ -162,9 +173,9 @@ def _measure_torch(spec: dict, t_start: float) -> dict:
         prompt = torch.tensor([_tokens(spec["n_prompt"], v)], device="cuda")
         first = _tokens(spec["n_gen"], v, 2)[0]
 
-        def pp():
+        def pp():  # the last position's logits alone, as pyquant and llama.cpp compute them
             t = time.perf_counter()
-            model(prompt, use_cache=False)
+            model(prompt, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
             return time.perf_counter() - t
 
