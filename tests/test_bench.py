@@ -5,6 +5,7 @@ input, and the decode roofline's bytes per token against a hand count over the G
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -83,3 +84,11 @@ def test_weight_bytes_per_token_by_hand(tiny, tmp_path, oracle):
     specs = [TensorSpec(n, t, shape, lambda s=shape, t=t: data(s, t)) for n, (shape, t) in shapes.items()]
     path = write_gguf(tmp_path / "untied.gguf", {"general.architecture": "llama"}, specs)
     assert weight_bytes_per_token(path) == 100 * 2 * 18 + 96 * 2 * 34 + 64 * 64 * 4
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is there: --device cuda would run")
+def test_bench_cuda_without_a_device_is_a_one_line_error(tiny, cli, monkeypatch):
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)  # the real numba.cuda, which finds no GPU here
+    proc = cli("bench", "-m", str(tiny), "--device", "cuda", "-p", "1", "-n", "1", "-r", "1")
+    assert proc.returncode == 2
+    assert proc.stderr == "pyquant: error: --device cuda: numba sees no CUDA device\n", proc.stderr
