@@ -252,7 +252,7 @@ def child_main(spec_json: str, out_path: str) -> None:
     try:
         result = MEASURE[spec["side"]](spec, t_start)
     except Unavailable as e:
-        result = {"unavailable": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}
+        result = {"unavailable": str(e).splitlines()[0][:300]}
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -317,10 +317,14 @@ def bench(
     devices=("cpu",),
 ) -> dict:
     """Library form of the command: the JSON described in the module docstring. `llama=False`: no peers."""
+    from .errors import PyquantError
     from .gguf import GGUFFile
 
     common = {"model": model, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "cache_type": cache_type}
-    n_vocab = GGUFFile(model).tensors["token_embd.weight"].shape[0]  # the random prompt's ids stay below it
+    embd = GGUFFile(model).tensors.get("token_embd.weight")
+    if embd is None:
+        raise PyquantError(f"{model}: no token_embd.weight tensor: not a language model")
+    n_vocab = embd.shape[0]  # the random prompt's ids stay below it
 
     def side(device, name, n):
         spec = common | {"device": device, "side": name, "threads": n, "n_vocab": n_vocab}
