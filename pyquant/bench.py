@@ -201,14 +201,15 @@ def device_bandwidth(n_bytes: int | None = None, reps: int = 10) -> tuple[float,
     except ImportError:
         cuda = None
     # a few hundred MB, far past any cache; the simulator's "device" is host memory: keep its copy small
-    n = n_bytes or (16 if cuda is not None and SIM else 256) * 2**20
+    n = n_bytes or (16 if cuda is not None and SIM else 512) * 2**20
     if cuda is not None and cuda.is_available():
-        src, dst = cuda.to_device(np.ones(n, np.uint8)), cuda.device_array(n, np.uint8)
-        copy, sync, by = lambda: dst.copy_to_device(src), cuda.synchronize, "numba"
+        src, dst, stream = cuda.device_array(n, np.uint8), cuda.device_array(n, np.uint8), cuda.stream()
+        # on a stream the copies queue back to back, so numba's host-side cost per call is not timed
+        copy, sync, by = lambda: dst.copy_to_device(src, stream=stream), stream.synchronize, "numba"
     else:
         import torch
 
-        src = torch.ones(n, dtype=torch.uint8, device="cuda")
+        src = torch.empty(n, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
         copy, sync, by = lambda: dst.copy_(src), torch.cuda.synchronize, "torch"
     copy()
