@@ -52,6 +52,21 @@ def test_bench_cuda_device_in_simulator(tiny, cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png"]  # no temp files left
 
 
+def test_bench_cpu_llama_peer_that_cannot_run_is_one_row(tiny, cli, tmp_path):
+    """llama.cpp refuses the tiny model (a vocabulary without merges), or is not installed: either way one
+    line in its row, and pyquant's row (the numpy backend: no kernels to compile) still comes."""
+    out = tmp_path / "cpu.json"
+    tiny_run = ("--device", "cpu", "--backend", "numpy", "-t", "1", "-p", "2", "-n", "2", "-r", "1")
+    proc = cli("bench", "-m", str(tiny), *tiny_run, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["threads"] == 1 and run["pyquant"]["pp"] > 0 and run["pyquant"]["tg"] > 0
+    why = run["llama.cpp"]["unavailable"]
+    assert why and "\n" not in why
+    assert f"| cpu | llama.cpp | 1 | - | - | unavailable: {why} | - |" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("device", ["tpu", "cpu,gpu", ","])
 def test_bench_unknown_device_is_a_one_line_error(tiny, cli, device):
     proc = cli("bench", "-m", str(tiny), "--device", device)
