@@ -14,6 +14,7 @@ greedy; median of 3 runs). Prints one table, writes e2e_gpu.json and e2e_gpu.png
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import lzma
 import shutil
@@ -26,7 +27,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
 MODELS = ROOT / "bench" / "models"
+
+
+def _bench_helpers():
+    """This checkout's pyquant/bench.py, loaded by path: with --code the `pyquant` package is the baseline's,
+    which may predate device_bandwidth and weight_bytes_per_token (they import the rest lazily)."""
+    spec = importlib.util.spec_from_file_location("pyquant_bench_here", ROOT / "pyquant" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def log(*a):
@@ -63,15 +74,6 @@ def build(name: str, work: Path) -> tuple[Path, Path]:
     convert(hf, gguf, "q4_k_m")
     log(f"built {name}: {time.time() - t0:.1f} s")
     return hf, gguf
-
-
-def weight_bytes_per_token(gguf: Path) -> int:
-    """Bytes of the matrices one decode step reads: every layer matrix and the output projection."""
-    from pyquant.gguf import GGUFFile
-
-    f = GGUFFile(gguf)
-    out = f.tensors.get("output.weight", f.tensors["token_embd.weight"])
-    return sum(t.nbytes for n, t in f.tensors.items() if n.startswith("blk.") and len(t.shape) == 2) + out.nbytes
 
 
 # ---- runs ------------------------------------------------------------------------------------------------
@@ -211,21 +213,6 @@ def run_transformers(hf: Path, n_pp: int, n_tg: int) -> dict:
     return {"pp_tok_s": n_pp / min(pp), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg}
 
 
-def hbm_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    import torch
-
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
-
-
 def int8_gemm(n: int = 4096, reps: int = 10) -> dict:
     import torch
     from numba import cuda
@@ -328,8 +315,9 @@ def main() -> int:
         sys.path.insert(0, str(args.code.resolve()))
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"models": {}}
+    helpers = _bench_helpers()
     try:
-        results["hbm_tb_s"] = hbm_bandwidth() / 1e12
+        results["hbm_tb_s"] = helpers.device_bandwidth()[0] / 1e12
         if not args.no_peer:
             results["int8_gemm"] = int8_gemm()
     except Exception as e:  # report and go on
@@ -340,7 +328,7 @@ def main() -> int:
         r = results["models"][name] = {}
         try:
             hf, gguf = built[name] = build(name, args.work)
-            r["weight_mb_per_token"] = weight_bytes_per_token(gguf) / 1e6
+            r["weight_mb_per_token"] = helpers.weight_bytes_per_token(gguf) / 1e6
             r["cuda"] = run_pyquant(gguf, "cuda", 512, 128)
             r["roofline_fraction"] = r["weight_mb_per_token"] * 1e6 * r["cuda"]["tg_tok_s"] / (results["hbm_tb_s"] * 1e12)
             log(name, "cuda", r["cuda"])

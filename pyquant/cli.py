@@ -26,7 +26,7 @@ COMMANDS = {
     "convert": ("converters.hf_to_gguf", "Hugging Face checkpoint to GGUF"),
     "quantize": ("pyquant.quantize", "post-training quantization (rtn, gptq, awq, smoothquant, llm_int8, atom)"),
     "eval": ("pyquant.evaluate", "quality and speed table over quantization methods"),
-    "bench": ("pyquant.bench", "throughput vs llama.cpp (and CPU vs GPU)"),
+    "bench": ("pyquant.bench", "pp/tg tok/s: CPU vs llama.cpp, CUDA vs torch fp16 and the decode roofline"),
 }
 
 
