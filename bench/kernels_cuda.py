@@ -102,9 +102,11 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
                 grid, _, _ = mv.gemv1_launch(n, k, be.n_sm, bps, s)
                 item = (kern, grid, block, args[:-1] + (s,))
                 be.queue.run_eager([item])
+                cuda.synchronize()  # the reads go on the default stream, which does not wait for the queue's
                 y = ys[-1].buf.copy_to_host()
                 if ref is None:
                     be.queue.run_eager([(kern, grid0, block, args)])
+                    cuda.synchronize()
                     ref = ys[-1].buf.copy_to_host()
                 err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
                 us = time_items(be, [item], reps)
@@ -260,10 +262,12 @@ def bench_attend(be, cases, ctxs, reps: int) -> list[dict]:
         for ctx in ctxs:
             be.queue.params_host[0] = ctx - 1  # the query at position ctx - 1 sees ctx keys
             pd.copy_to_device(be.queue.params_host)
+            cuda.synchronize()  # the copies above went out on the default stream, the kernels go on the queue's
             common = (q, kc, ks, vc, vs, pd, scale, 0, h, g, dh, dh)
             i1 = (att.attend_kernel(kind), (h, 1), att.THREADS, (y1, *common))
             i2 = (a2, (h, SPLITS), A_THREADS, (y2, *common, pm, pl, pacc, count))
             be.queue.run_eager([i1, i2])
+            cuda.synchronize()  # the reads below go on the default stream, which does not wait for the queue's
             got1, got2 = y1.copy_to_host(), y2.copy_to_host()
             kk = kv[0].astype(np.float64).reshape(n_ctx, g, dh)[:ctx]
             vv = kv[1].astype(np.float64).reshape(n_ctx, g, dh)[:ctx]

@@ -29,6 +29,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .jit import SIM, block_max, block_sum, device, kernel, warp_sum
+from .launch import upload
 from .ops import POS0, rope_val
 
 F32, F16, Q8_0, Q4_0 = range(4)
@@ -199,8 +200,11 @@ def _make_attend(kind):
             if s <= qpos:
                 base = (s * G + g) * Dk
                 score = float32(0.0)
-                for i in range(Dk):
-                    score += sq[i] * load(kc, ks, base + i)
+                for i in range(0, Dk, 8):  # eight loads out together (Dk is a multiple of 32)
+                    score += (sq[i] * load(kc, ks, base + i) + sq[i + 1] * load(kc, ks, base + i + 1)
+                              + sq[i + 2] * load(kc, ks, base + i + 2) + sq[i + 3] * load(kc, ks, base + i + 3)
+                              + sq[i + 4] * load(kc, ks, base + i + 4) + sq[i + 5] * load(kc, ks, base + i + 5)
+                              + sq[i + 6] * load(kc, ks, base + i + 6) + sq[i + 7] * load(kc, ks, base + i + 7))
             m_new = max(m, block_max(red, score))
             p = math.exp(score - m_new) if s <= qpos else float32(0.0)
             sp[tid] = p
@@ -256,7 +260,7 @@ def attend1_kernel(kind: int, dk: int, dv: int):
 def attend1_scratch(n_head: int, dv: int):
     """(pm, pl, pacc, count) of attend1: per (head, split) max, sum and accumulator; per head a zeroed count."""
     return (cuda.device_array(n_head * SPLITS, np.float32), cuda.device_array(n_head * SPLITS, np.float32),
-            cuda.device_array(n_head * SPLITS * dv, np.float32), cuda.to_device(np.zeros(n_head, np.int32)))
+            cuda.device_array(n_head * SPLITS * dv, np.float32), upload(np.zeros(n_head, np.int32)))
 
 
 def _make_attend1(kind, dk, dv):

@@ -28,7 +28,7 @@ from . import gemm_int8 as g8
 from . import matvec as mv
 from . import ops
 from .jit import SIM
-from .launch import Arena, LaunchQueue, Step, Tensor
+from .launch import Arena, LaunchQueue, Step, Tensor, upload
 from .quants import gpu_format, int8_codes, repack
 
 _MODES = {None: mv.PLAIN, "rms": mv.RMS, "swiglu": mv.SWIGLU, "geglu": mv.GEGLU}
@@ -83,7 +83,7 @@ class CudaWeight:
         gpu_format(t.type)
         self.name, self.type, self.shape, self.info = t.name, t.type, tuple(t.shape), t
         q, d = repack(t.data, t.type, self.shape)
-        self.q, self.d = cuda.to_device(q), cuda.to_device(d)
+        self.q, self.d = upload(q), upload(d)
         self._codes = None
 
     def codes(self):
@@ -94,9 +94,9 @@ class CudaWeight:
                 self._codes = False
             else:
                 codes, scales, mins = c
-                words = cuda.to_device(np.ascontiguousarray(codes).view(np.int32))
+                words = upload(np.ascontiguousarray(codes).view(np.int32))
                 per16 = bool(np.any(scales[:, 0::2] != scales[:, 1::2]))
-                self._codes = (words, cuda.to_device(scales), None if mins is None else cuda.to_device(mins),
+                self._codes = (words, upload(scales), None if mins is None else upload(mins),
                                per16)
         return self._codes or None
 
@@ -123,8 +123,8 @@ class CudaBackend:
         self.gemv_tokens = max(1, min(int(gemv_tokens), 8))
         self.queue = LaunchQueue(graphs)
         self.arena = Arena()
-        self._dummy = cuda.to_device(np.zeros(1, np.float32))
-        self._dummy2 = cuda.to_device(np.zeros((1, 1), np.float32))
+        self._dummy = upload(np.zeros(1, np.float32))
+        self._dummy2 = upload(np.zeros((1, 1), np.float32))
         self._rope: dict = {}
         self._att1: dict = {}  # decode attention's split scratch by (heads, value dims)
         self._n_ctx = 0
@@ -320,7 +320,7 @@ class CudaBackend:
         if tab is None or tab[0].shape[0] < need:
             n = max(need, self._n_ctx, 4096 if tab is None else 2 * tab[0].shape[0])
             cos, sin = rope_cos_sin(np.arange(n, dtype=np.int64), n_rot, base, freq_scale)
-            tab = (cuda.to_device(np.ascontiguousarray(cos)), cuda.to_device(np.ascontiguousarray(sin)))
+            tab = (upload(np.ascontiguousarray(cos)), upload(np.ascontiguousarray(sin)))
             self._rope[key] = tab
         return tab
 
@@ -399,7 +399,7 @@ class CudaBackend:
 
     def from_host(self, x: np.ndarray) -> Tensor:
         x = np.ascontiguousarray(x, np.float32)
-        return Tensor(cuda.to_device(x.reshape(-1)), x.shape)
+        return Tensor(upload(x.reshape(-1)), x.shape)
 
     # --- attention -----------------------------------------------------------------------------------
     def new_cache(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> CudaKVCache:

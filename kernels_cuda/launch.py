@@ -72,6 +72,14 @@ class Tensor:
         return f"Tensor(shape={self.shape}, device)"
 
 
+def upload(a: np.ndarray):
+    """cuda.to_device(a), waited for: the copy goes on the default stream, which the queue's non-blocking stream
+    does not wait for, and a pageable copy may still be in flight when to_device returns."""
+    d = cuda.to_device(a)
+    cuda.synchronize()
+    return d
+
+
 def _prod(shape) -> int:
     n = 1
     for s in shape:

@@ -289,10 +289,14 @@ def test_decode_attention_long_context(cache_type):
             for window in (0, 50) if ctx > 50 else (0,):
                 be.queue.params_host[0] = ctx - 1
                 be.queue.params_dev.copy_to_device(be.queue.params_host)
+                # the copies here and the read below go on the default stream, which the queue's stream does not
+                # wait for nor make wait (on the GPU the read overtook the longer kernels before this)
+                cuda.synchronize()
                 item = (att.attend1_kernel(att.CACHE_TYPES[cache_type], d, d), (h, att.SPLITS), att.THREADS,
                         (y, cuda.to_device(qh), kc, ks, vc, vs, be.queue.params_dev, np.float32(0.125), window, h, g,
                          *scratch))
                 be.queue.run_eager([item])
+                cuda.synchronize()  # and the read below goes on the default stream too
                 got = y.copy_to_host().reshape(h, d)
                 lo = max(0, ctx - window) if window else 0
                 want = np.empty((h, d))
