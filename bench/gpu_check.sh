@@ -30,7 +30,7 @@ timeout ${E2E_TIMEOUT:-420} python3 bench/e2e_gpu.py --out "$OUT" ${E2E_ARGS---n
 for name in qwen gemma; do  # the user-facing command on the files e2e_gpu.py built
     gguf=/tmp/pyquant-e2e/$name-q4_k_m.gguf
     [ -f "$gguf" ] || continue
-    timeout ${BENCH_TIMEOUT:-200} python3 -m pyquant.cli bench -m "$gguf" --device cpu,cuda -t 16 ${BENCH_ARGS:--r 2} \
+    timeout ${BENCH_TIMEOUT:-240} python3 -m pyquant.cli bench -m "$gguf" --device cpu,cuda -t 16 ${BENCH_ARGS:--r 2} \
         --json "$OUT/bench_$name.json" --plot "$OUT/bench_$name.png" 2>&1 | tee "$OUT/bench_$name.log" | tail -14 \
         || rc=1
 done
