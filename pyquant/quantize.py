@@ -117,6 +117,7 @@ def build_method(method: str, opts: dict):
             a_clip=opts.get("a_clip", 0.9),
             use_gptq=opts.get("weight_algo", "gptq") == "gptq",
             reorder=opts.get("reorder", True),
+            k_smooth=opts.get("k_smooth", 0.75) if opts.get("kv_bits", 4) else 0.0,
         )
         meta = {
             "pyquant.weight.bits": 4,
@@ -128,6 +129,7 @@ def build_method(method: str, opts: dict):
             "pyquant.atom.weights": "gptq" if m.use_gptq else "rtn",
             "pyquant.kv.bits": int(opts.get("kv_bits", 4)),
             "pyquant.kv.group_size": 0,
+            "pyquant.kv.k_smooth": float(m.k_smooth),
         }
         return m, "w4a4", "q8_0", meta
     raise PyquantError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
@@ -151,7 +153,10 @@ def quantize(
     if m.needs_calibration:
         meta.update(calib.metadata())
     meta["pyquant.seconds"] = float(round(result.seconds, 1))
-    return export(result, hf_dir, output, method, meta, fmt, opts.get("embed_type") or embed)
+    extra = {}
+    for i, (shift, scale) in getattr(m, "kv_k", {}).items():  # Atom's static K shift/scale (runtime.KVQuant)
+        extra[f"blk.{i}.kv_k_shift"], extra[f"blk.{i}.kv_k_scale"] = shift, scale
+    return export(result, hf_dir, output, method, meta, fmt, opts.get("embed_type") or embed, extra=extra)
 
 
 def add_arguments(p) -> None:
@@ -216,6 +221,12 @@ def add_arguments(p) -> None:
     t.add_argument("--w-clip", type=float, default=0.85, help="weight clip ratio (0.85)")
     t.add_argument("--a-clip", type=float, default=0.9, help="activation clip ratio (0.9)")
     t.add_argument("--kv-bits", type=int, default=4, help="KV cache bits (4; 0 keeps the float cache)")
+    t.add_argument(
+        "--k-smooth",
+        type=float,
+        default=0.75,
+        help="K cache: static shift by K's mean and scale max|K - mean|^this, per head and channel (0.75; 0: off)",
+    )
     t.add_argument("--weight-algo", choices=("gptq", "rtn"), default="gptq")
     t.add_argument("--no-reorder", dest="reorder", action="store_false", help="keep the channel order")
 

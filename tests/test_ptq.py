@@ -8,7 +8,8 @@ its defining formulas, and the files against llama.cpp.
 - AWQ: the chosen alpha is the argmin of an independent brute-force loss; SmoothQuant and AWQ folds leave
   the float model (transformers, tiny random checkpoints) unchanged to 1e-5;
 - runtime: bit-packing round trips, W8A8 / LLM.int8() / W4A4 products equal integer-exact recomputations,
-  the 4-bit KV cache stays within half a step;
+  the 4-bit KV cache stays within half a step; Atom's K shift/scale halves the KV4 score error on keys with
+  outlier channels (vs float64) and lines up with pyquant's own keys;
 - files: every method end to end on a tiny random Qwen2 checkpoint; Q4_0/Q4_1/Q8_0 files load in llama.cpp
   and give pyquant's logits within llama.cpp's activation-rounding noise; composite files are refused by
   llama.cpp and run in pyquant close to the float model; `pyquant eval` writes its table, JSON and PNG.
@@ -307,6 +308,57 @@ def test_quantized_kv_cache_within_half_a_step():
     back = cache.k[0][:10]
     step = (k.max(axis=2) - k.min(axis=2)) / 15
     assert (np.abs(back - k).max(axis=2) <= 0.5 * step * 1.01 + 1e-3).all()
+
+
+def test_k_shift_and_scale_cut_the_kv4_score_error_on_outlier_channels():
+    """Qwen2-like keys: a few channels with large offsets (k_proj bias) and spread, queries large on the same
+    channels. The calibrated shift/scale (from other tokens of the same distribution) must cut the error of
+    the attention scores q.k against float64 at least in half, plain per-token 4-bit codes being the bar."""
+    r = np.random.default_rng(9)
+    offset, spread = np.zeros((2, 64)), np.ones((2, 64))
+    offset[:, :4], spread[:, :4] = r.uniform(20, 40, (2, 4)), 6.0
+
+    def keys(n):
+        return (offset + spread * r.standard_normal((n, 2, 64))).astype(np.float32)
+
+    calib, k = keys(512), keys(64)
+    q = (offset + r.standard_normal((8, 2, 64))).astype(np.float32)
+    shift = calib.mean(axis=0)
+    scale = np.abs(calib - shift).max(axis=0) ** 0.75
+    exact = np.einsum("qgd,kgd->gqk", q.astype(np.float64), k.astype(np.float64))
+    errs = []
+    for kw in ({}, {"k_shift": [shift], "k_scale": [scale]}):
+        cache = runtime.KVQuant(4, 0, **{n: v[0:1] for n, v in kw.items()} or {}).new_cache(1, 64, 2, 64, 64)
+        cache.k[0][0:64] = k
+        got = np.einsum("qgd,kgd->gqk", q.astype(np.float64), cache.k[0][:64].astype(np.float64))
+        errs.append(np.sqrt(((got - exact) ** 2).mean()))
+    assert errs[1] < 0.5 * errs[0], errs
+    with pytest.raises(PyquantError, match="shift"):
+        runtime.QuantKVCache(2, 8, 2, 64, 64, 4, 0, [shift], [scale])
+
+
+def test_atom_k_shift_is_the_mean_of_the_runtime_keys(tiny_mha, calib, tmp_path):
+    """Layer 0's K shift in the Atom file (calibrated on Hugging Face's K, then put in K's GGUF row order:
+    llama's Q/K permutation) equals the mean of the keys pyquant's float model caches on the same
+    calibration windows, each window's first token left out."""
+    from converters.hf_to_gguf import convert
+    from pyquant.ptq.calib import calibration_tokens
+    from pyquant.quantize import quantize
+
+    path = quantize(
+        tiny_mha, tmp_path / "atom.gguf", "atom", calib, progress=False, outliers=0, atom_group=32,
+        weight_algo="rtn", reorder=False,
+    )
+    shift = pyquant.Model(path, backend="numpy").new_cache(4).k[0].shift
+    m = pyquant.Model(convert(tiny_mha, tmp_path / "f32.gguf", "f32"), backend="numpy")
+    keys = []
+    for row in calibration_tokens(Path(tiny_mha), calib):
+        cache = m.new_cache(len(row))
+        m.transformer.forward(np.asarray(row), 0, cache)
+        keys.append(cache.k[0][1 : len(row)].astype(np.float32))
+    mean = np.concatenate(keys).mean(axis=0)
+    np.testing.assert_allclose(shift, mean, atol=2e-3 * np.abs(mean).max())
+    assert np.abs(mean - mean[:, ::-1]).max() > 0.1 * np.abs(mean).max()  # the order is tested
 
 
 # ---- files end to end --------------------------------------------------------------------------------------
