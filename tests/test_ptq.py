@@ -375,7 +375,7 @@ def calib(tmp_path_factory):
 
 CASES = {
     "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
+    "gptq": ("gptq", {"asym": False}),
     "gptq_q4_1_act_order": ("gptq", {"asym": True, "act_order": True}),
     "gptq_3bit": ("gptq", {"bits": 3}),
     "gptq_mix": ("gptq", {"asym": True, "mix": "sensitive"}),
@@ -500,6 +500,18 @@ def test_atom_file_holds_the_reorder_and_a_4bit_kv_cache(files):
     m = pyquant.Model(files["atom"], backend="numpy")
     assert isinstance(m.new_cache(8), runtime.QuantKVCache)
     assert f.get("pyquant.kv.bits") == 4
+
+
+def test_default_grids_are_q4_1_for_gptq_and_q4_0_for_rtn_and_awq():
+    from pyquant.ptq.grids import MinMax, SignedMax
+    from pyquant.quantize import build_method
+
+    for method, grid in (("gptq", MinMax), ("rtn", SignedMax), ("awq", SignedMax)):
+        m, fmt, embed, meta = build_method(method, {})
+        assert isinstance(m.grid, grid) and fmt == "ggml"
+        assert meta["pyquant.weight.sym"] == (grid is SignedMax)
+        flipped, *_ = build_method(method, {"asym": grid is SignedMax})
+        assert not isinstance(flipped.grid, grid)
 
 
 def test_calibration_refuses_the_test_split(tiny):
