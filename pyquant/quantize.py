@@ -33,7 +33,7 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "atom")
 # Q4_1 or Q4_0 when neither --asym nor --sym is given. gptq: Q4_1, on Qwen2.5-0.5B (WikiText-2 8 x 512)
 # PPL 29.294 (+0.34%, KLD 0.027) at 5.00 bpw in blocks vs Q4_0's 30.240 (+3.6%) at 4.50: the only 4-bit
 # group-32 setting within 1% of llama.cpp's Q4_K_M (29.287 at 5.52). rtn: Q4_0, the baseline llama.cpp's
-# Q4_0 is. awq: Q4_0, AWQ's scales matter most on a symmetric grid.
+# Q4_0 is. awq: Q4_0, as before (awq Q4_1 not re-measured since the scale search changed).
 ASYM_DEFAULT = {"rtn": False, "gptq": True, "awq": False}
 GROUPS = (32, 64, 128, 0)
 
@@ -93,9 +93,14 @@ def build_method(method: str, opts: dict):
         from .ptq.awq import AWQMethod
 
         m = AWQMethod(
-            grid, group, opts.get("n_grid", 20), opts.get("clip", True), opts.get("search_tokens", 2048)
+            grid,
+            group,
+            opts.get("n_grid", 20),
+            opts.get("clip", True),
+            opts.get("search_tokens", 2048),
+            opts.get("duo", True),
         )
-        meta.update({"pyquant.awq.n_grid": m.n_grid, "pyquant.awq.clip": m.clip})
+        meta.update({"pyquant.awq.n_grid": m.n_grid, "pyquant.awq.clip": m.clip, "pyquant.awq.duo": m.duo})
         return m, fmt, embed, meta
     if method == "smoothquant":
         from .ptq.smoothquant import SmoothQuantMethod
@@ -223,6 +228,9 @@ def add_arguments(p) -> None:
     a.add_argument("--n-grid", type=int, default=20, help="alpha grid points (20)")
     a.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clipping search")
     a.add_argument("--search-tokens", type=int, default=2048, help="tokens the scale/clip losses use (2048)")
+    a.add_argument(
+        "--no-duo", dest="duo", action="store_false", help="scales from activations alone (no w_mean term)"
+    )
     s = p.add_argument_group("smoothquant")
     s.add_argument("--alpha", type=float, default=0.5, help="migration strength (0.5)")
     s.add_argument(

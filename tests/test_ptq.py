@@ -158,12 +158,14 @@ def test_awq_scale_search_picks_the_loss_minimizing_alpha():
     x = correlated_inputs(1024, 128, seed=7)
     weights = [torch.randn(64, 128) / 8, torch.randn(32, 128) / 8]
     algo = AWQ(SignedMax(4), 32, n_grid=20)
-    s, alpha, losses = algo.search_scale(x, weights)
-    w = torch.cat(weights)
     x_mean = x.abs().mean(0)
+    s, alpha, losses = algo.search_scale(x_mean, weights, lambda ws: [x @ w.T for w in ws])
+    w = torch.cat(weights)
+    wg = w.abs().reshape(96, 4, 32)
+    w_mean = (wg / wg.max(dim=2, keepdim=True).values).reshape(96, 128).mean(dim=0)
 
     def brute(a):
-        sc = x_mean.pow(a).clamp(min=1e-4)
+        sc = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
         sc = sc / (sc.max() * sc.min()).sqrt()
         wq = SignedMax(4).fake((w * sc).reshape(96, -1, 32)).reshape(96, 128) / sc
         return float(((x @ wq.T - x @ w.T) ** 2).mean())
@@ -172,7 +174,7 @@ def test_awq_scale_search_picks_the_loss_minimizing_alpha():
     np.testing.assert_allclose(losses, expected, rtol=1e-4)
     assert alpha == int(np.argmin(expected)) / 20
     assert min(expected) < expected[0]  # the outlier channels make scaling worth it
-    torch.testing.assert_close(s, AWQ.alpha_scale(x_mean, alpha))
+    torch.testing.assert_close(s, AWQ.alpha_scale(x_mean, alpha, w_mean))
 
 
 def test_awq_clip_search_does_not_increase_the_error():
@@ -200,6 +202,24 @@ def tiny_mha():
     from converters.checkpoints import random_checkpoint
 
     return random_checkpoint("llama", num_key_value_heads=4)
+
+
+def test_awq_at_alpha_0_without_clipping_is_round_to_nearest(tiny, calib):
+    """alpha = 0 without duo scaling makes every scale 1: codes, scales and folded model are RTN's exactly."""
+    from pyquant.ptq import driver
+    from pyquant.ptq.awq import AWQMethod
+    from pyquant.ptq.rtn import RTNMethod
+
+    method = AWQMethod(SignedMax(4), 32, n_grid=1, clip=False, duo=False)
+    awq = driver.run(tiny, method, calib, progress=False)
+    ref = driver.run(tiny, RTNMethod(SignedMax(4), 32), calib, progress=False)
+    assert awq.linears.keys() == ref.linears.keys()
+    for n, r in ref.linears.items():
+        np.testing.assert_array_equal(awq.linears[n].codes, r.codes, err_msg=n)
+        np.testing.assert_array_equal(awq.linears[n].scale, r.scale, err_msg=n)
+    theirs = ref.model.state_dict()
+    for n, t in awq.model.state_dict().items():
+        torch.testing.assert_close(t, theirs[n], rtol=0, atol=0, msg=n)
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_mha"])
