@@ -272,7 +272,16 @@ class QuantKVCache:
     """The numpy backend's KVCache interface with K and V held as low-bit codes (Atom's 4-bit KV cache)."""
 
     def __init__(
-        self, n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v, bits: int, group: int, k_shift=None, k_scale=None
+        self,
+        n_layer,
+        n_ctx,
+        n_head_kv,
+        head_dim_k,
+        head_dim_v,
+        bits: int,
+        group: int,
+        k_shift=None,
+        k_scale=None,
     ):
         self.n_ctx, self.dtype = n_ctx, np.dtype(np.float32)
         for name, per_layer in (("shift", k_shift), ("scale", k_scale)):
@@ -314,9 +323,8 @@ class KVQuant:
         self.bits, self.group, self.k_shift, self.k_scale = bits, group, k_shift, k_scale
 
     def new_cache(self, n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v) -> QuantKVCache:
-        return QuantKVCache(
-            n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v, self.bits, self.group, self.k_shift, self.k_scale
-        )
+        dims = (n_layer, n_ctx, n_head_kv, head_dim_k, head_dim_v)
+        return QuantKVCache(*dims, self.bits, self.group, self.k_shift, self.k_scale)
 
 
 # ---- loading -------------------------------------------------------------------------------------------
