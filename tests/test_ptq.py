@@ -17,6 +17,7 @@ its defining formulas, and the files against llama.cpp.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -210,6 +211,7 @@ def test_awq_at_alpha_0_without_clipping_is_round_to_nearest(tiny, calib):
     from pyquant.ptq.awq import AWQMethod
     from pyquant.ptq.rtn import RTNMethod
 
+    calib = dataclasses.replace(calib, n_samples=2)
     method = AWQMethod(SignedMax(4), 32, n_grid=1, clip=False, duo=False)
     awq = driver.run(tiny, method, calib, progress=False)
     ref = driver.run(tiny, RTNMethod(SignedMax(4), 32), calib, progress=False)
@@ -365,6 +367,7 @@ def test_atom_k_shift_is_the_mean_of_the_runtime_keys(tiny_mha, calib, tmp_path)
     from pyquant.ptq.calib import calibration_tokens
     from pyquant.quantize import quantize
 
+    calib = dataclasses.replace(calib, n_samples=2)
     path = quantize(
         tiny_mha, tmp_path / "atom.gguf", "atom", calib, progress=False, outliers=0, atom_group=32,
         weight_algo="rtn", reorder=False,
