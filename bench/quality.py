@@ -36,7 +36,7 @@ ROWS = {
     "q4_k_m (llama.cpp)": ("llama.cpp", "MOSTLY_Q4_K_M"),
     "q4_0 rtn (llama.cpp)": ("llama.cpp", "MOSTLY_Q4_0"),
     "rtn q4_0 mse": ("pyquant", {"method": "rtn", "mse": True}),
-    "gptq q4_0": ("pyquant", {"method": "gptq"}),
+    "gptq q4_0": ("pyquant", {"method": "gptq", "asym": False}),
     "gptq q4_1": ("pyquant", {"method": "gptq", "asym": True}),
     "gptq q4_1 mix": ("pyquant", {"method": "gptq", "asym": True, "mix": "sensitive"}),
     "awq q4_0": ("pyquant", {"method": "awq"}),

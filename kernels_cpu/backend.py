@@ -278,10 +278,11 @@ class CpuBackend:
             raise PyquantError(f"head sizes {k.shape[2]}/{v.shape[2]} are not multiples of 32")
         rows = []
         for store, x in ((cache.k[layer], k), (cache.v[layer], v)):
-            composite.store_kv_quant(store.codes, store.scale, store.min, pos0, _f32(x), store.bits)
+            x = np.ascontiguousarray(store.encode(_f32(x)))  # the static K shift/scale, as numpy's store does
+            composite.store_kv_quant(store.codes, store.scale, store.min, pos0, x, store.bits)
             f = np.empty((end, *store.codes.shape[1:]), np.float32)
             composite.dequantize_kv(f, store.codes[:end], store.scale[:end], store.min[:end])
-            rows.append(f.view(np.uint8))
+            rows.append(np.ascontiguousarray(store.decode(f), np.float32).view(np.uint8))
         out = np.empty((t, n_head, v.shape[2]), np.float32)
         attention.ATTEND["f32"](out, _f32(q), rows[0], rows[1], pos0, np.float32(scale), int(window))
         return out.reshape(t, -1)

@@ -82,11 +82,16 @@ def test_gq_matches_the_dense_product(bits, sym):
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
 
 
-def test_quantized_kv_cache_codes_and_attention():
+@pytest.mark.parametrize("k_shift", [False, True])
+def test_quantized_kv_cache_codes_and_attention(k_shift):
     n_ctx, g, h, d = 40, 2, 4, 64
     cpu, ref = CpuBackend(threads=2), NumpyBackend(cache_type="f32")
-    caches = [runtime.KVQuant(4, 32).new_cache(1, n_ctx, g, d, d) for _ in range(2)]
     r = rng(6)
+    shift = scale = None
+    if k_shift:  # Atom's static K shift/scale (per layer, (G, Dh))
+        shift = [r.standard_normal((g, d)).astype(np.float32) * 3]
+        scale = [r.uniform(0.2, 3, (g, d)).astype(np.float32)]
+    caches = [runtime.KVQuant(4, 32, shift, scale).new_cache(1, n_ctx, g, d, d) for _ in range(2)]
     pos0 = 0
     for t in (17, 1, 5):  # a prefill, then decode steps
         q, k, v = (r.standard_normal((t, n, d)).astype(np.float32) for n in (h, g, g))

@@ -8,7 +8,8 @@ its defining formulas, and the files against llama.cpp.
 - AWQ: the chosen alpha is the argmin of an independent brute-force loss; SmoothQuant and AWQ folds leave
   the float model (transformers, tiny random checkpoints) unchanged to 1e-5;
 - runtime: bit-packing round trips, W8A8 / LLM.int8() / W4A4 products equal integer-exact recomputations,
-  the 4-bit KV cache stays within half a step;
+  the 4-bit KV cache stays within half a step; Atom's K shift/scale halves the KV4 score error on keys with
+  outlier channels (vs float64) and lines up with pyquant's own keys;
 - files: every method end to end on a tiny random Qwen2 checkpoint; Q4_0/Q4_1/Q8_0 files load in llama.cpp
   and give pyquant's logits within llama.cpp's activation-rounding noise; composite files are refused by
   llama.cpp and run in pyquant close to the float model; `pyquant eval` writes its table, JSON and PNG.
@@ -16,6 +17,7 @@ its defining formulas, and the files against llama.cpp.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,12 +159,14 @@ def test_awq_scale_search_picks_the_loss_minimizing_alpha():
     x = correlated_inputs(1024, 128, seed=7)
     weights = [torch.randn(64, 128) / 8, torch.randn(32, 128) / 8]
     algo = AWQ(SignedMax(4), 32, n_grid=20)
-    s, alpha, losses = algo.search_scale(x, weights)
-    w = torch.cat(weights)
     x_mean = x.abs().mean(0)
+    s, alpha, losses = algo.search_scale(x_mean, weights, lambda ws: [x @ w.T for w in ws])
+    w = torch.cat(weights)
+    wg = w.abs().reshape(96, 4, 32)
+    w_mean = (wg / wg.max(dim=2, keepdim=True).values).reshape(96, 128).mean(dim=0)
 
     def brute(a):
-        sc = x_mean.pow(a).clamp(min=1e-4)
+        sc = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
         sc = sc / (sc.max() * sc.min()).sqrt()
         wq = SignedMax(4).fake((w * sc).reshape(96, -1, 32)).reshape(96, 128) / sc
         return float(((x @ wq.T - x @ w.T) ** 2).mean())
@@ -171,7 +175,7 @@ def test_awq_scale_search_picks_the_loss_minimizing_alpha():
     np.testing.assert_allclose(losses, expected, rtol=1e-4)
     assert alpha == int(np.argmin(expected)) / 20
     assert min(expected) < expected[0]  # the outlier channels make scaling worth it
-    torch.testing.assert_close(s, AWQ.alpha_scale(x_mean, alpha))
+    torch.testing.assert_close(s, AWQ.alpha_scale(x_mean, alpha, w_mean))
 
 
 def test_awq_clip_search_does_not_increase_the_error():
@@ -199,6 +203,25 @@ def tiny_mha():
     from converters.checkpoints import random_checkpoint
 
     return random_checkpoint("llama", num_key_value_heads=4)
+
+
+def test_awq_at_alpha_0_without_clipping_is_round_to_nearest(tiny, calib):
+    """alpha = 0 without duo scaling makes every scale 1: codes, scales and folded model are RTN's exactly."""
+    from pyquant.ptq import driver
+    from pyquant.ptq.awq import AWQMethod
+    from pyquant.ptq.rtn import RTNMethod
+
+    calib = dataclasses.replace(calib, n_samples=2)
+    method = AWQMethod(SignedMax(4), 32, n_grid=1, clip=False, duo=False)
+    awq = driver.run(tiny, method, calib, progress=False)
+    ref = driver.run(tiny, RTNMethod(SignedMax(4), 32), calib, progress=False)
+    assert awq.linears.keys() == ref.linears.keys()
+    for n, r in ref.linears.items():
+        np.testing.assert_array_equal(awq.linears[n].codes, r.codes, err_msg=n)
+        np.testing.assert_array_equal(awq.linears[n].scale, r.scale, err_msg=n)
+    theirs = ref.model.state_dict()
+    for n, t in awq.model.state_dict().items():
+        torch.testing.assert_close(t, theirs[n], rtol=0, atol=0, msg=n)
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_mha"])
@@ -309,6 +332,58 @@ def test_quantized_kv_cache_within_half_a_step():
     assert (np.abs(back - k).max(axis=2) <= 0.5 * step * 1.01 + 1e-3).all()
 
 
+def test_k_shift_and_scale_cut_the_kv4_score_error_on_outlier_channels():
+    """Qwen2-like keys: a few channels with large offsets (k_proj bias) and spread, queries large on the same
+    channels. The calibrated shift/scale (from other tokens of the same distribution) must cut the error of
+    the attention scores q.k against float64 at least in half, plain per-token 4-bit codes being the bar."""
+    r = np.random.default_rng(9)
+    offset, spread = np.zeros((2, 64)), np.ones((2, 64))
+    offset[:, :4], spread[:, :4] = r.uniform(20, 40, (2, 4)), 6.0
+
+    def keys(n):
+        return (offset + spread * r.standard_normal((n, 2, 64))).astype(np.float32)
+
+    calib, k = keys(512), keys(64)
+    q = (offset + r.standard_normal((8, 2, 64))).astype(np.float32)
+    shift = calib.mean(axis=0)
+    scale = np.abs(calib - shift).max(axis=0) ** 0.75
+    exact = np.einsum("qgd,kgd->gqk", q.astype(np.float64), k.astype(np.float64))
+    errs = []
+    for kw in ({}, {"k_shift": [shift], "k_scale": [scale]}):
+        cache = runtime.KVQuant(4, 0, **{n: v[0:1] for n, v in kw.items()} or {}).new_cache(1, 64, 2, 64, 64)
+        cache.k[0][0:64] = k
+        got = np.einsum("qgd,kgd->gqk", q.astype(np.float64), cache.k[0][:64].astype(np.float64))
+        errs.append(np.sqrt(((got - exact) ** 2).mean()))
+    assert errs[1] < 0.5 * errs[0], errs
+    with pytest.raises(PyquantError, match="shift"):
+        runtime.QuantKVCache(2, 8, 2, 64, 64, 4, 0, [shift], [scale])
+
+
+def test_atom_k_shift_is_the_mean_of_the_runtime_keys(tiny_mha, calib, tmp_path):
+    """Layer 0's K shift in the Atom file (calibrated on Hugging Face's K, then put in K's GGUF row order:
+    llama's Q/K permutation) equals the mean of the keys pyquant's float model caches on the same
+    calibration windows, each window's first token left out."""
+    from converters.hf_to_gguf import convert
+    from pyquant.ptq.calib import calibration_tokens
+    from pyquant.quantize import quantize
+
+    calib = dataclasses.replace(calib, n_samples=2)
+    path = quantize(
+        tiny_mha, tmp_path / "atom.gguf", "atom", calib, progress=False, outliers=0, atom_group=32,
+        weight_algo="rtn", reorder=False,
+    )
+    shift = pyquant.Model(path, backend="numpy").new_cache(4).k[0].shift
+    m = pyquant.Model(convert(tiny_mha, tmp_path / "f32.gguf", "f32"), backend="numpy")
+    keys = []
+    for row in calibration_tokens(Path(tiny_mha), calib):
+        cache = m.new_cache(len(row))
+        m.transformer.forward(np.asarray(row), 0, cache)
+        keys.append(cache.k[0][1 : len(row)].astype(np.float32))
+    mean = np.concatenate(keys).mean(axis=0)
+    np.testing.assert_allclose(shift, mean, atol=2e-3 * np.abs(mean).max())
+    assert np.abs(mean - mean[:, ::-1]).max() > 0.1 * np.abs(mean).max()  # the order is tested
+
+
 # ---- files end to end --------------------------------------------------------------------------------------
 
 
@@ -323,7 +398,7 @@ def calib(tmp_path_factory):
 
 CASES = {
     "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
+    "gptq": ("gptq", {"asym": False}),
     "gptq_q4_1_act_order": ("gptq", {"asym": True, "act_order": True}),
     "gptq_3bit": ("gptq", {"bits": 3}),
     "gptq_mix": ("gptq", {"asym": True, "mix": "sensitive"}),
@@ -448,6 +523,18 @@ def test_atom_file_holds_the_reorder_and_a_4bit_kv_cache(files):
     m = pyquant.Model(files["atom"], backend="numpy")
     assert isinstance(m.new_cache(8), runtime.QuantKVCache)
     assert f.get("pyquant.kv.bits") == 4
+
+
+def test_default_grids_are_q4_1_for_gptq_and_q4_0_for_rtn_and_awq():
+    from pyquant.ptq.grids import MinMax, SignedMax
+    from pyquant.quantize import build_method
+
+    for method, grid in (("gptq", MinMax), ("rtn", SignedMax), ("awq", SignedMax)):
+        m, fmt, embed, meta = build_method(method, {})
+        assert isinstance(m.grid, grid) and fmt == "ggml"
+        assert meta["pyquant.weight.sym"] == (grid is SignedMax)
+        flipped, *_ = build_method(method, {"asym": grid is SignedMax})
+        assert not isinstance(flipped.grid, grid)
 
 
 def test_calibration_refuses_the_test_split(tiny):

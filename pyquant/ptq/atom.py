@@ -7,7 +7,10 @@
 - the rest: int4 weights, symmetric, groups of 128 with clip ratio 0.85, chosen by GPTQ over the reordered
   columns (the int8 outlier block last, in the same GPTQ pass); activations int4 per token in groups of 128,
   quantized dynamically with clip ratio 0.9;
-- the KV cache stored as asymmetric 4-bit codes per token and head (pyquant.kv.bits).
+- the KV cache stored as asymmetric 4-bit codes per token and head (pyquant.kv.bits); K after a static
+  per-(head, channel) shift and scale calibrated here (`kv_k_stats`; runtime.KVQuant says why and what it
+  measured): shift = the mean of post-RoPE K over the calibration tokens, scale = max|K - shift|^k_smooth
+  (0.75), each window's first token (the attention sink, far off the others) left out of both.
 With n_outliers = 0, no reorder and RTN weights it is plain W4A4 RTN, the baseline Atom improves on.
 """
 
@@ -18,6 +21,7 @@ import torch
 
 from pyquant.errors import PyquantError
 
+from .driver import _Stop
 from .gptq import GPTQ
 from .grids import AbsMax, rtn
 from .runtime import W4A4, GroupInt
@@ -35,10 +39,12 @@ class AtomMethod:
         use_gptq: bool = True,
         reorder: bool = True,
         damp: float = 0.01,
+        k_smooth: float = 0.75,
     ):
         self.n_outliers, self.group, self.w_clip, self.a_clip = n_outliers, group, w_clip, a_clip
-        self.use_gptq, self.reorder, self.damp = use_gptq, reorder, damp
-        self.needs_calibration = use_gptq or reorder
+        self.use_gptq, self.reorder, self.damp, self.k_smooth = use_gptq, reorder, damp, k_smooth
+        self.needs_calibration = use_gptq or reorder or k_smooth > 0
+        self.kv_k: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (shift, scale), each (G, Dh)
 
     def segments(self, n_in: int):
         n_normal = n_in - self.n_outliers
@@ -52,6 +58,8 @@ class AtomMethod:
 
     @torch.no_grad()
     def quantize_layer(self, ctx) -> dict[str, W4A4]:
+        if self.k_smooth > 0:
+            self.kv_k[ctx.index] = kv_k_stats(ctx, self.k_smooth)
         records = {}
         for stage in ctx.layout.sequential:
             leader = ctx.module(stage[0])
@@ -84,3 +92,34 @@ class AtomMethod:
                     perm.numpy(), gi[0], gi[1] if len(gi) > 1 else None, 4, self.group, self.a_clip
                 )
         return records
+
+
+class _KeyRecorder:
+    """Stands in for transformers' Cache in one layer call: its update() receives the layer's post-RoPE K and
+    V (B, G, T, Dh), keeps K, and stops the layer (nothing after attention is needed)."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+
+    def update(self, k, v, *args, **kwargs):
+        self.keys.append(k.detach()[0].transpose(0, 1)[1:].clone())  # (T - 1, G, Dh), the sink left out
+        raise _Stop
+
+
+@torch.no_grad()
+def kv_k_stats(ctx, k_smooth: float) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) (G, Dh) float32 of the layer's post-RoPE K on its calibration inputs."""
+    rec = _KeyRecorder()
+    kwargs = dict(ctx.kwargs)
+    kwargs["cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"] = rec
+    for x in ctx.inputs:
+        try:
+            ctx.layer(x, **kwargs)
+        except _Stop:
+            pass
+    if not rec.keys:
+        raise PyquantError("atom: the decoder layer never updated its KV cache; cannot calibrate K")
+    k = torch.cat(rec.keys)
+    shift = k.mean(0)
+    scale = (k - shift).abs().amax(0).clamp(min=1e-6).pow(k_smooth)
+    return shift.numpy().astype(np.float32), (scale / scale.mean()).numpy().astype(np.float32)

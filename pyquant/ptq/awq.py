@@ -1,25 +1,32 @@
 """AWQ (Lin et al. 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration"),
-after llm-awq's auto_scale / auto_clip:
+after llm-awq's auto_scale / auto_clip and AutoAWQ's duo scaling:
 
-- scale search: for each op -> linears pair, s = mean|x|^alpha (normalized by sqrt(max(s) min(s))) over a
-  grid of 20 alphas in [0, 1); the weights are quantized as Q(W * s) / s and the alpha with the smallest
-  output error wins; s is then folded into the op (a norm's weight, a linear's rows) and the linears'
-  columns. The error is measured at the linears' outputs (concatenated) on a sample of calibration tokens;
-  llm-awq measures it after the attention block / MLP, which needs the whole block run 20 times per layer,
-  more than two CPU cores can afford for a 0.5B model.
+- scale search: for each op -> linears pair, s = mean|x|^alpha / w_mean^(1 - alpha) (AutoAWQ's duo scaling;
+  w_mean: per input channel, the mean over rows of |w| relative to its group's max), normalized by
+  sqrt(max(s) min(s)), over a grid of 20 alphas in [0, 1); the weights are quantized as Q(W * s) / s on the
+  stored grid and the alpha with the smallest error of the layout's `Fold.block` output wins, as llm-awq
+  measures it: the attention block's output for the q/k/v scales (q/k errors count through the softmax,
+  and each window's attention-sink token through every query), the MLP's output for gate/up, the linear's
+  own output for up -> down (and v -> o, skipped under grouped-query attention). The block runs on the
+  first whole calibration windows holding --search-tokens tokens (2048: 4 of 512). s is then folded into
+  the op (a norm's weight, a linear's rows) and the linears' columns; alpha = 0 without duo scaling is
+  round-to-nearest bit for bit (tests/test_ptq.py).
 - clip search: per (row, group), the largest |w| shrunk by up to 50% in 20 steps, keeping the clip with the
-  smallest error of the group's partial dot products (not for q/k, as llm-awq).
-- the searches see --search-tokens tokens (2048). The clip search: the 64 with the largest activations and a
-  random sample. llm-awq clips on 512 strided tokens; a sample that misses the rare massive-activation
-  tokens (Qwen's first-token sinks) lets the clip search cut exactly the weights those tokens need. The
-  scale search: a random sample alone, with the sinks as rare as in text (64 of 2048 tokens a thousand
-  times larger than the rest own a squared error). Measured on Qwen2.5-0.5B (WikiText-2, 8 chunks): both
-  searches on the top-64 sample PPL 36.17, KLD 0.119; this split 35.41, KLD 0.115; round-to-nearest Q4_0
-  32.02: AWQ is still worse than RTN there, for a reason not found yet.
+  smallest error of the group's partial dot products (not for q/k, as llm-awq), on the 64 tokens with the
+  largest activations and a random sample (2048 in all).
 - then round-to-nearest on the grid (Q4_0 or Q4_1 at 4 bits, group 32).
+
+Measured on Qwen2.5-0.5B (torch, fake-quantized weights, float embeddings; 8 calibration windows; WikiText-2
+test 4 x 512, float PPL 24.68), Q4_0 without clipping: RTN PPL 26.59 KLD 0.1066; the earlier search (loss at
+the concatenated q/k/v and gate/up outputs, random tokens) 27.91 KLD 0.1121, worse than RTN; the block-output
+loss 27.10 KLD 0.1013; with duo scaling 26.85 KLD 0.0973. The alpha = 0 check holds, so the fold and export
+paths were not the cause: the per-linear loss was (it rated q/k output error as raw MSE and never saw the
+sink tokens' keys through attention).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -32,9 +39,15 @@ class AWQ:
     """Model-independent AWQ searches on captured inputs x (tokens, in) and weights (out, in)."""
 
     def __init__(
-        self, grid: Grid, group: int, n_grid: int = 20, max_shrink: float = 0.5, clip_tokens: int = 512
+        self,
+        grid: Grid,
+        group: int,
+        n_grid: int = 20,
+        max_shrink: float = 0.5,
+        clip_tokens: int = 512,
+        duo: bool = True,
     ):
-        self.grid, self.group, self.n_grid = grid, group, n_grid
+        self.grid, self.group, self.n_grid, self.duo = grid, group, n_grid, duo
         self.max_shrink, self.clip_tokens = max_shrink, clip_tokens
 
     def fake(self, w: torch.Tensor, group: int | None = None) -> torch.Tensor:
@@ -42,24 +55,37 @@ class AWQ:
         return self.grid.fake(w.reshape(w.shape[0], -1, g)).reshape(w.shape)
 
     @torch.no_grad()
-    def search_scale(self, x: torch.Tensor, weights: list[torch.Tensor], x_mean: torch.Tensor | None = None):
-        """(s (in,), best alpha, [loss per alpha]) for linears sharing the input x."""
-        w = torch.cat(weights)
-        x_mean = x.abs().mean(0) if x_mean is None else x_mean
-        y = x @ w.T
+    def search_scale(self, x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable):
+        """(s (in,), best alpha, [loss per alpha]) for linears sharing an input of channel means x_mean;
+        block(ws) -> the outputs (list of tensors) of the module the loss is measured at, run with the
+        linears' weights ws."""
+        ref = block(weights)
+        n = sum(r.numel() for r in ref)
+        w_mean = self.w_mean(weights) if self.duo else None
         losses, best = [], (float("inf"), None, None)
         for i in range(self.n_grid):
             alpha = i / self.n_grid
-            s = self.alpha_scale(x_mean, alpha)
-            loss = float(((x @ (self.fake(w * s) / s).T - y) ** 2).mean())
+            s = self.alpha_scale(x_mean, alpha, w_mean)
+            out = block([self.fake(w * s) / s for w in weights])
+            loss = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / n
             losses.append(loss)
             if loss < best[0]:
                 best = (loss, s, alpha)
         return best[1], best[2], losses
 
+    def w_mean(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """Per input channel, the mean over rows of |w| relative to its group's max (AutoAWQ's w_mean)."""
+        w = torch.cat(weights)
+        g = self.group or w.shape[1]
+        wg = w.abs().reshape(w.shape[0], -1, g)
+        return (wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
+
     @staticmethod
-    def alpha_scale(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-        s = x_mean.pow(alpha).clamp(min=1e-4)
+    def alpha_scale(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+        s = x_mean.pow(alpha)
+        if w_mean is not None:
+            s = s / (w_mean.pow(1 - alpha) + 1e-4)
+        s = s.clamp(min=1e-4)
         return s / (s.max() * s.min()).sqrt()
 
     @torch.no_grad()
@@ -109,20 +135,21 @@ class AWQMethod:
     needs_calibration = True
 
     def __init__(
-        self, grid: Grid, group: int, n_grid: int = 20, clip: bool = True, search_tokens: int = 2048
+        self,
+        grid: Grid,
+        group: int,
+        n_grid: int = 20,
+        clip: bool = True,
+        search_tokens: int = 2048,
+        duo: bool = True,
     ):
-        self.grid, self.group, self.n_grid, self.clip, self.search_tokens = (
-            grid,
-            group,
-            n_grid,
-            clip,
-            search_tokens,
-        )
+        self.grid, self.group, self.n_grid, self.clip = grid, group, n_grid, clip
+        self.search_tokens, self.duo = search_tokens, duo
         self.alphas: dict[str, float] = {}
 
     @torch.no_grad()
     def quantize_layer(self, ctx) -> dict[str, QuantWeight]:
-        folds = ctx.layout.folds
+        folds = [f for f in ctx.layout.folds if ctx.fold_ok(f)]
         sums: dict[str, torch.Tensor] = {}
         count = [0]
 
@@ -130,28 +157,31 @@ class AWQMethod:
             sums[n] = sums.get(n, 0) + x.abs().sum(0)
             count[0] += x.shape[0] if n == folds[0].linears[0] else 0
 
-        leaders = [f.linears[0] for f in folds]
+        leaders = [f.linears[0] for f in ctx.layout.folds]
         xs = {n: [] for n in leaders}
         ctx.capture(leaders, lambda n, x: (stat(n, x), xs[n].append(x)))
-        scale_xs = {}
         for n in leaders:
-            x = torch.cat(xs.pop(n))
-            xs[n] = search_tokens(x, self.search_tokens, seed=ctx.index)
-            scale_xs[n] = search_tokens(x, self.search_tokens, n_top=0, seed=ctx.index)
+            xs[n] = search_tokens(torch.cat(xs.pop(n)), self.search_tokens, seed=ctx.index)
         means = {n: sums[n] / count[0] for n in leaders}
+        blocks = [f.block or f.linears[0] for f in folds]
+        n_windows = max(1, -(-self.search_tokens // ctx.inputs[0].shape[-2])) if ctx.inputs else 0
+        calls = ctx.capture_calls(blocks, n_windows)
 
-        algo = AWQ(self.grid, self.group, self.n_grid)
-        for f in folds:
-            if not ctx.fold_ok(f):
-                continue
+        algo = AWQ(self.grid, self.group, self.n_grid, duo=self.duo)
+        for f, b in zip(folds, blocks):
             n = f.linears[0]
-            s, alpha, _ = algo.search_scale(scale_xs[n], [ctx.module(m).weight for m in f.linears], means[n])
+            linears = [ctx.module(m) for m in f.linears]
+            s, alpha, _ = algo.search_scale(
+                means[n], [m.weight.data for m in linears], _runner(ctx.module(b), linears, calls[b])
+            )
             ctx.fold(f, s)
             xs[n] /= s
+            for args, kwargs in calls[b]:  # the block's input is what f.prev writes
+                _input(args, kwargs).div_(s)
             self.alphas[f"{ctx.index}.{f.prev}"] = alpha
 
         records = {}
-        for f in folds:
+        for f in ctx.layout.folds:
             for n in f.linears:
                 module = ctx.module(n)
                 w = module.weight.data
@@ -161,3 +191,24 @@ class AWQMethod:
                 module.weight.data.copy_(torch.from_numpy(qw.dequantize()))
                 records[n] = qw
         return records
+
+
+def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _runner(block: torch.nn.Module, linears: list, calls: list) -> Callable:
+    """block(ws): block's outputs on its captured calls with the linears' weights swapped for ws."""
+
+    def run(ws):
+        saved = [m.weight.data for m in linears]
+        try:
+            for m, w in zip(linears, ws):
+                m.weight.data = w
+            outs = [block(*args, **kwargs) for args, kwargs in calls]
+            return [o[0] if isinstance(o, tuple) else o for o in outs]
+        finally:
+            for m, w in zip(linears, saved):
+                m.weight.data = w
+
+    return run

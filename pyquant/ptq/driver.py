@@ -82,20 +82,39 @@ class LayerContext:
         """Run the layer on every input, calling fn(name, x (tokens, in)) with the input of each named module.
         The forward stops as soon as every named module has been reached: capturing q_proj's input costs a
         norm, not a layer."""
+        self._hooked(names, lambda n, args, kwargs: fn(n, args[0].reshape(-1, args[0].shape[-1])), self.inputs)
+
+    @torch.no_grad()
+    def capture_calls(self, names, n_inputs: int) -> dict[str, list[tuple[tuple, dict]]]:
+        """The (args, kwargs) each named module is called with on the first n_inputs inputs (whole windows, so
+        a block such as self_attn can be run again on them); tensors are copies."""
+        got: dict[str, list] = {n: [] for n in names}
+        clone = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+
+        def keep(n, args, kwargs):
+            got[n].append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+
+        self._hooked(names, keep, self.inputs[:n_inputs])
+        return got
+
+    def _hooked(self, names, fn: Callable, inputs) -> None:
+        """Run the layer on each input with fn(name, args, kwargs) called before each named module; each
+        forward stops once every named module has been reached."""
         names = list(names)
         seen: set[str] = set()
 
-        def hook(module, args, n):
-            fn(n, args[0].reshape(-1, args[0].shape[-1]))
+        def hook(n, args, kwargs):
+            fn(n, args, kwargs)
             seen.add(n)
             if len(seen) == len(names):
                 raise _Stop
 
         hooks = [
-            self.module(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in names
+            self.module(n).register_forward_pre_hook(lambda m, a, k, n=n: hook(n, a, k), with_kwargs=True)
+            for n in names
         ]
         try:
-            for x in self.inputs:
+            for x in inputs:
                 seen.clear()
                 try:
                     self._call(x)

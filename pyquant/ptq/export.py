@@ -45,8 +45,10 @@ def export(
     fmt: str,
     embed_type: str,
     progress=None,
+    extra: dict | None = None,
 ) -> Path:
-    """fmt: "ggml" (every linear record is a QuantWeight with a ggml type) or a pyquant.linear.format."""
+    """fmt: "ggml" (every linear record is a QuantWeight with a ggml type) or a pyquant.linear.format.
+    extra: more f32 tensors {GGUF name "blk.N.kv_k_*": (G, Dh) array in Hugging Face channel order}."""
     if embed_type not in FILE_TYPES:
         raise PyquantError(f"unknown embedding type {embed_type!r}; choose one of {', '.join(FILE_TYPES)}")
     p = plan(hf_dir, embed_type)
@@ -91,6 +93,11 @@ def export(
                 part = name[len(base) + 1 :]
                 data = rows(spec.name, arr) if part in ROW_TENSORS else arr
                 specs.append(TensorSpec(name, ttype, data.shape, lambda d=data: d))
+
+    for name, arr in (extra or {}).items():  # per-(head, channel) K data: K's row order (llama's permutation)
+        layer = name.split(".")[1]
+        data = rows(f"blk.{layer}.attn_k.weight", arr.reshape(-1, 1)).reshape(arr.shape).astype(np.float32)
+        specs.append(TensorSpec(name, "f32", data.shape, lambda d=data: d))
 
     meta = dict(p.metadata)
     meta["pyquant.method"] = method

@@ -23,6 +23,7 @@ class Fold:
     prev: str  # module whose output channels feed `linears`
     linears: tuple[str, ...]
     kind: str  # "norm" | "gemma_norm" | "linear"
+    block: str = ""  # the module whose output AWQ's scale search compares (default: the first linear)
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ LAYOUTS = {
         "model.layers",
         _LLAMA_SEQ,
         (
-            Fold("input_layernorm", (Q, K, V), "norm"),
+            Fold("input_layernorm", (Q, K, V), "norm", "self_attn"),
             Fold(V, (O,), "linear"),
-            Fold("post_attention_layernorm", (GATE, UP), "norm"),
+            Fold("post_attention_layernorm", (GATE, UP), "norm", "mlp"),
             Fold(UP, (DOWN,), "linear"),
         ),
     ),
@@ -56,9 +57,9 @@ LAYOUTS = {
         "model.layers",
         _LLAMA_SEQ,
         (
-            Fold("input_layernorm", (Q, K, V), "gemma_norm"),
+            Fold("input_layernorm", (Q, K, V), "gemma_norm", "self_attn"),
             Fold(V, (O,), "linear"),
-            Fold("pre_feedforward_layernorm", (GATE, UP), "gemma_norm"),
+            Fold("pre_feedforward_layernorm", (GATE, UP), "gemma_norm", "mlp"),
             Fold(UP, (DOWN,), "linear"),
         ),
     ),
