@@ -96,7 +96,7 @@ def build_method(method: str, opts: dict):
             grid,
             group,
             opts.get("n_grid", 20),
-            opts.get("clip", True),
+            opts.get("clip", False),
             opts.get("search_tokens", 2048),
             opts.get("duo", True),
         )
@@ -226,7 +226,8 @@ def add_arguments(p) -> None:
     )
     a = p.add_argument_group("awq")
     a.add_argument("--n-grid", type=int, default=20, help="alpha grid points (20)")
-    a.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clipping search")
+    a.add_argument("--clip", action="store_true",
+                   help="also search per-group clipping (lower KL divergence, higher perplexity on Qwen2.5-0.5B)")
     a.add_argument("--search-tokens", type=int, default=2048, help="tokens the scale/clip losses use (2048)")
     a.add_argument(
         "--no-duo", dest="duo", action="store_false", help="scales from activations alone (no w_mean term)"
