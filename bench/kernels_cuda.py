@@ -9,11 +9,10 @@ on shapes and types, not values.
 
 gemv (matvec.gemv1, one token): the launch shape swept, every result checked against the default launch's
   blocks an SM (the grid; the kernel loops over rows) x S (warps a row); GB/s of weight bytes.
-  default: matvec.gemv1_launch (4 blocks an SM; S from the row length and count)
-attend (one query token over an f16 cache, at several context lengths):
-  1  attention.attend: a block a head, a thread a key over Dk, a thread a dim over the keys   <- used
-  2  split keys: grid (H, SPLITS), warps take keys with the lanes across Dk (coalesced rows), each split's
-     softmax state (max, sum, acc) to scratch; the last block of a head to finish (atomic count) merges
+  default: matvec.gemv1_launch (up to 8 blocks an SM; S > 1 only for few rows)
+attend (one query token over an f16 cache, at several context lengths), both checked against float64:
+  attention.attend    the prefill kernel: a block a (head, token), a thread a key over Dk
+  attention.attend1   decode (used for one token): keys split over blocks, merged by the last to finish
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 
 from kernels_cuda import attention as att
 from kernels_cuda import matvec as mv
 from kernels_cuda.backend import CudaBackend, _Decode
-from kernels_cuda.jit import SIM, block_max, block_sum, kernel, warp_sum
+from kernels_cuda.jit import SIM
 from kernels_cuda.quants import GPU_FORMATS
 from pyquant.quants import get_format
 
@@ -135,114 +134,12 @@ def _regs(kern):
         return str(e)[:40]
 
 
-# ---- decode attention: variant 2 ---------------------------------------------------------------------------
-
-POS0, MAX_HEAD_DIM = att.POS0, att.MAX_HEAD_DIM  # module-level constants, as the kernels read them
-SPLITS = 8
-CHUNK = 32  # keys a step inside a split
-A_THREADS = 128
-
-
-def make_attend2(kind: int):
-    load = att.LOADERS[kind]
-
-    @kernel
-    def attend2(out, q, kc, ks, vc, vs, params, scale, window, H, G, Dk, Dv, pm, pl, pacc, count):
-        """out (1, H, Dv) for one query token; grid (H, SPLITS), A_THREADS threads (4 warps)."""
-        sq = cuda.shared.array(MAX_HEAD_DIM, float32)
-        sp = cuda.shared.array(CHUNK, float32)
-        red = cuda.shared.array(32, float32)
-        last = cuda.shared.array(1, np.int32)
-        h = cuda.blockIdx.x
-        sid = cuda.blockIdx.y
-        ns = cuda.gridDim.y
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        warp = tid // 32
-        g = h // (H // G)
-        qpos = params[POS0]
-        start = qpos - window + 1 if window > 0 and qpos - window + 1 > 0 else 0
-        per = (qpos + 1 - start + ns - 1) // ns
-        k0 = start + sid * per
-        k1 = min(k0 + per, qpos + 1)
-        for i in range(tid, Dk, A_THREADS):
-            sq[i] = q[h * Dk + i] * scale
-        cuda.syncthreads()
-        m = float32(-math.inf)
-        lsum = float32(0.0)
-        acc0 = float32(0.0)
-        acc1 = float32(0.0)
-        for c0 in range(k0, k1, CHUNK):
-            cn = min(CHUNK, k1 - c0)
-            for j0 in range(0, CHUNK, A_THREADS // 32):  # a warp a key, lanes across Dk
-                j = j0 + warp
-                s = float32(0.0)
-                if j < cn:
-                    base = ((c0 + j) * G + g) * Dk
-                    for i in range(lane, Dk, 32):
-                        s += sq[i] * load(kc, ks, base + i)
-                s = warp_sum(s)
-                if lane == 0 and j < CHUNK:
-                    sp[j] = s if j < cn else float32(-math.inf)
-            cuda.syncthreads()
-            v = sp[tid] if tid < cn else float32(-math.inf)
-            m_new = max(m, block_max(red, v))
-            p = math.exp(v - m_new) if tid < cn else float32(0.0)
-            if tid < CHUNK:
-                sp[tid] = p
-            corr = math.exp(m - m_new)
-            lsum = lsum * corr + block_sum(red, p)
-            m = m_new
-            acc0 *= corr
-            acc1 *= corr
-            stride = G * Dv
-            for half in range(2):
-                dim = tid + half * A_THREADS
-                if dim < Dv:
-                    a = float32(0.0)
-                    base = (c0 * G + g) * Dv + dim
-                    for j in range(cn):
-                        a += sp[j] * load(vc, vs, base + j * stride)
-                    if half == 0:
-                        acc0 += a
-                    else:
-                        acc1 += a
-            cuda.syncthreads()
-        o = h * ns + sid
-        if tid == 0:
-            pm[o] = m
-            pl[o] = lsum
-        if tid < Dv:
-            pacc[o * Dv + tid] = acc0
-        if tid + A_THREADS < Dv:
-            pacc[o * Dv + tid + A_THREADS] = acc1
-        cuda.threadfence()
-        cuda.syncthreads()
-        if tid == 0:
-            last[0] = 1 if cuda.atomic.add(count, h, 1) == ns - 1 else 0
-        cuda.syncthreads()
-        if last[0] == 1:  # the last split of head h to finish merges them all
-            mm = float32(-math.inf)
-            for s2 in range(ns):
-                mm = max(mm, pm[h * ns + s2])
-            tot = float32(0.0)
-            for s2 in range(ns):
-                tot += pl[h * ns + s2] * math.exp(pm[h * ns + s2] - mm)
-            for dim in range(tid, Dv, A_THREADS):
-                a = float32(0.0)
-                for s2 in range(ns):
-                    a += pacc[(h * ns + s2) * Dv + dim] * math.exp(pm[h * ns + s2] - mm)
-                out[h * Dv + dim] = a / tot
-            if tid == 0:
-                count[h] = 0
-
-    return attend2
+# ---- decode attention: the prefill kernel on one token vs attend1 ---------------------------------------
 
 
 def bench_attend(be, cases, ctxs, reps: int) -> list[dict]:
     rng = np.random.default_rng(1)
     kind = att.CACHE_TYPES["f16"]
-    a2 = make_attend2(kind)
     out = []
     for name, h, g, dh in cases:
         n_ctx = max(ctxs) + 1
@@ -254,9 +151,7 @@ def bench_attend(be, cases, ctxs, reps: int) -> list[dict]:
         qh = rng.standard_normal(h * dh).astype(np.float32)
         q = cuda.to_device(qh)
         scale = np.float32(1 / math.sqrt(dh))
-        pm, pl = (cuda.device_array(h * SPLITS, np.float32) for _ in range(2))
-        pacc = cuda.device_array(h * SPLITS * dh, np.float32)
-        count = cuda.to_device(np.zeros(h, np.int32))
+        scratch = att.attend1_scratch(h, dh)
         y1, y2 = cuda.device_array(h * dh, np.float32), cuda.device_array(h * dh, np.float32)
         pd = be.queue.params_dev
         for ctx in ctxs:
@@ -265,7 +160,7 @@ def bench_attend(be, cases, ctxs, reps: int) -> list[dict]:
             cuda.synchronize()  # the copies above went out on the default stream, the kernels go on the queue's
             common = (q, kc, ks, vc, vs, pd, scale, 0, h, g, dh, dh)
             i1 = (att.attend_kernel(kind), (h, 1), att.THREADS, (y1, *common))
-            i2 = (a2, (h, SPLITS), A_THREADS, (y2, *common, pm, pl, pacc, count))
+            i2 = (att.attend1_kernel(kind, dh, dh), (h, att.SPLITS), att.THREADS, (y2, *common[:-2], *scratch))
             be.queue.run_eager([i1, i2])
             cuda.synchronize()  # the reads below go on the default stream, which does not wait for the queue's
             got1, got2 = y1.copy_to_host(), y2.copy_to_host()
@@ -280,9 +175,9 @@ def bench_attend(be, cases, ctxs, reps: int) -> list[dict]:
             if max(errs) > 1e-4:
                 raise AssertionError(f"attend {name} ctx {ctx}: max rel err {errs}")
             t1, t2 = time_items(be, [i1], reps), time_items(be, [i2], reps)
-            print(f"attend {name:6} ctx {ctx:5}: 1 {t1:7.1f} us, 2 {t2:7.1f} us (splits {SPLITS}); errors "
+            print(f"attend {name:6} ctx {ctx:5}: attend {t1:7.1f} us, attend1 {t2:7.1f} us; errors "
                   f"{errs[0]:.1e} {errs[1]:.1e}", flush=True)
-            out.append({"model": name, "ctx": ctx, "v1_us": t1, "v2_us": t2, "errors": errs})
+            out.append({"model": name, "ctx": ctx, "attend_us": t1, "attend1_us": t2, "errors": errs})
     return out
 
 
