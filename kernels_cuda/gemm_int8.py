@@ -10,67 +10,17 @@ block-scaled product that prefill and W8A8 use.
     quantize_q8                  activations (T, K) f32 -> int8 codes, scales, scaled sums per 32-block
                                  (q8_0's rounding: q = roundf(x / d), d = max|x| / 127)
 
-Operands are passed as int32 words of 4 int8 (little-endian), rows of K/4 words. The instructions come from
-int8_mma.cu through cuda.declare_device; the CUDA simulator cannot link .cu code, so there the same two
-device functions are written in Python (the mma one exchanges fragments through shared memory, as the
-warp does in registers).
+Operands are passed as int32 words of 4 int8 (little-endian), rows of K/4 words. The instructions are
+inline PTX (isa.py).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
-import numpy as np
 from numba import cuda, float32, int32
 
-from .jit import SIM, device, kernel
-
-CU = str(Path(__file__).with_name("int8_mma.cu"))
-
-# ---- the two instructions ------------------------------------------------------------------------------
-
-if SIM:
-
-    @device
-    def _s8(w, j):
-        b = (w >> (8 * j)) & 0xFF
-        return b - 256 if b >= 128 else b
-
-    @device
-    def dp4a(a, b, c):
-        return c + _s8(a, 0) * _s8(b, 0) + _s8(a, 1) * _s8(b, 1) + _s8(a, 2) * _s8(b, 2) + _s8(a, 3) * _s8(b, 3)
-
-    # where each (row, k) of A and (k, col) of B sits in the warp's fragments: (lane, register, byte)
-    _r, _k = np.meshgrid(np.arange(16), np.arange(32), indexing="ij")
-    _A_AT = (4 * (_r % 8) + (_k % 16) // 4, _r // 8 + 2 * (_k // 16), _k % 4)
-    _k, _c = np.meshgrid(np.arange(32), np.arange(8), indexing="ij")
-    _B_AT = (4 * _c + (_k % 16) // 4, _k // 16, _k % 4)
-
-    @device
-    def mma_s8(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        fa = cuda.shared.array((1024, 4), int32)
-        fb = cuda.shared.array((1024, 2), int32)
-        tid = cuda.threadIdx.x
-        base = tid - tid % 32
-        lane = tid % 32
-        fa[tid, 0], fa[tid, 1], fa[tid, 2], fa[tid, 3] = a0, a1, a2, a3
-        fb[tid, 0], fb[tid, 1] = b0, b1
-        cuda.syncthreads()
-        a = np.ascontiguousarray(fa[base : base + 32]).view(np.int8).reshape(32, 4, 4)[_A_AT]
-        b = np.ascontiguousarray(fb[base : base + 32]).view(np.int8).reshape(32, 2, 4)[_B_AT]
-        d = a.astype(np.int64) @ b.astype(np.int64)  # (16, 8)
-        g, tig = lane // 4, lane % 4
-        cuda.syncthreads()
-        return (c0 + int(d[g, 2 * tig]), c1 + int(d[g, 2 * tig + 1]), c2 + int(d[g + 8, 2 * tig]),
-                c3 + int(d[g + 8, 2 * tig + 1]))
-
-else:
-    dp4a = cuda.declare_device("pq_dp4a", "int32(int32, int32, int32)", link=CU)
-    mma_s8 = cuda.declare_device(
-        "pq_mma_s8", "UniTuple(int32, 4)(int32, int32, int32, int32, int32, int32, int32, int32, int32, int32)",
-        link=CU)
-
+from .isa import dp4a, mma_s8
+from .jit import device, kernel
 
 # ---- exact int32 GEMMs ----------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Decorator presets and the few device helpers every CUDA kernel shares.
 
 Kernels run for real through numba-cuda on an NVIDIA GPU, or in numba's CUDA simulator when
-NUMBA_ENABLE_CUDASIM=1 (CI: no GPU). The simulator lacks warp shuffles and linked .cu code, so the
+NUMBA_ENABLE_CUDASIM=1 (CI: no GPU). The simulator lacks warp shuffles and PTX, so the
 helpers here pick their implementation once, at import, from `SIM`; both compute the same function.
 
     kernel   a @cuda.jit kernel (no fastmath: results are checked against float64 within a tolerance,
