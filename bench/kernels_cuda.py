@@ -7,9 +7,10 @@ Times come from a CUDA graph of `reps` copies of one launch, replayed 5 times (n
 bench/e2e_gpu.py's kernel profile does. Weights are random bits with sane float scales: a GEMV's speed depends
 on shapes and types, not values.
 
-gemv (matvec.gemv1, one token): the launch shape swept, every result checked against the default launch's
-  blocks an SM (the grid; the kernel loops over rows) x S (warps a row); GB/s of weight bytes.
-  default: matvec.gemv1_launch (up to 8 blocks an SM; S > 1 only for few rows)
+gemv (matvec.gemv1, one token), on float and on int8 activations (dp4a): the launch shape swept, every result
+  checked against the default launch's: blocks an SM (the grid; the kernel loops over rows) x S (warps a row);
+  GB/s of weight bytes. Launches take turns over copies of the weights that together pass the 50 MB L2, so
+  each reads HBM as a decode step does. default: matvec.gemv1_launch
 attend (one query token over an f16 cache, at several context lengths), both checked against float64:
   attention.attend    the prefill kernel: a block a (head, token), a thread a key over Dk
   attention.attend1   decode (used for one token): keys split over blocks, merged by the last to finish
@@ -86,43 +87,55 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for name, type, n, k, gated in cases:
-        ws = [RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)]
+        nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
+        # copies of the weights past the 50 MB L2, taken in turn: each launch reads from HBM, as in a decode step
+        copies = 1 if SIM else max(1, min(reps, -(-160_000_000 // nbytes)))
+        sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
         x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
         ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
-        d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
-        if gated:
-            d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
-        kern, grid0, block, args = d.item(be)
-        s0 = args[-1]
-        ref = None
-        rows = []
-        for bps in (1, 2) if SIM else (2, 4, 8, 16):
-            for s in sorted({1, 2, 4, 8, s0}):
-                grid, _, _ = mv.gemv1_launch(n, k, be.n_sm, bps, s)
-                item = (kern, grid, block, args[:-1] + (s,))
-                be.queue.run_eager([item])
-                cuda.synchronize()  # the reads go on the default stream, which does not wait for the queue's
-                y = ys[-1].buf.copy_to_host()
-                if ref is None:
-                    be.queue.run_eager([(kern, grid0, block, args)])
-                    cuda.synchronize()
-                    ref = ys[-1].buf.copy_to_host()
-                err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
-                us = time_items(be, [item], reps)
-                gbs = sum(w.nbytes for w in ws) / us / 1e3
-                rows.append({"blocks_per_sm": bps, "split": s, "grid": grid, "us": round(us, 2),
-                             "GB/s": round(gbs, 1), "max_rel_err": err, "default": grid == grid0 and s == s0})
-                if err > 1e-5:  # reported, not timed as a winner
-                    print(f"{name}: blocks/SM {bps}, S {s}: max rel err {err:.2e} against the default launch",
-                          flush=True)
-        ok = [r for r in rows if r["max_rel_err"] <= 1e-5]
-        best = min(ok, key=lambda r: r["us"] if not math.isnan(r["us"]) else 0)
-        dflt = next(r for r in rows if r["default"]) if any(r["default"] for r in rows) else rows[0]
-        regs = _regs(kern)
-        print(f"{name:28} default {dflt['us']:7.1f} us ({dflt['GB/s']:6.0f} GB/s, grid {grid0}, S {s0}); best "
-              f"{best['us']:7.1f} us ({best['GB/s']:6.0f} GB/s) at {best['blocks_per_sm']} blocks/SM, S "
-              f"{best['split']}; registers {regs}", flush=True)
-        out.append({"case": name, "type": type, "rows": n, "K": k, "gated": gated, "registers": regs, "runs": rows})
+        for int8 in (False, True):
+            be.int8_decode = int8
+            items = []
+            for ws in sets:
+                d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
+                if gated:
+                    d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
+                items.append(d.item(be))
+            kern, grid0, block0, args0 = items[0]
+            s0 = args0[-1]
+            ref = None
+            rows = []
+            for bps in (1, 2) if SIM else (2, 4, 8, 16):
+                for sp in sorted({1, 2, 4, 8, s0, -(-k // (32 * mv.UNIT))} - {0}):
+                    grid, block, _ = mv.gemv1_launch(n, k, be.n_sm, bps, sp)
+                    launch = [(kern, grid, block, a[:-1] + (sp,)) for _, _, _, a in items]
+                    be.queue.run_eager(launch[:1])
+                    cuda.synchronize()  # the reads go on the default stream, which does not wait for the queue's
+                    y = ys[-1].buf.copy_to_host()
+                    if ref is None:
+                        be.queue.run_eager(items[:1])
+                        cuda.synchronize()
+                        ref = ys[-1].buf.copy_to_host()
+                    err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
+                    us = time_items(be, launch, max(1, reps // len(launch)))
+                    gbs = nbytes / us / 1e3
+                    rows.append({"blocks_per_sm": bps, "split": sp, "grid": grid, "block": block, "us": round(us, 2),
+                                 "GB/s": round(gbs, 1), "max_rel_err": err,
+                                 "default": grid == grid0 and sp == s0 and block == block0})
+                    if err > 1e-5:  # reported, not timed as a winner
+                        print(f"{name}: blocks/SM {bps}, S {sp}: max rel err {err:.2e} against the default launch",
+                              flush=True)
+            ok = [r for r in rows if r["max_rel_err"] <= 1e-5]
+            best = min(ok, key=lambda r: r["us"] if not math.isnan(r["us"]) else 0)
+            dflt = next(r for r in rows if r["default"]) if any(r["default"] for r in rows) else rows[0]
+            regs = _regs(kern)
+            act = "int8" if int8 and type in mv.INT_UNITS else "f32"
+            print(f"{name:28} {act:4} default {dflt['us']:7.1f} us ({dflt['GB/s']:6.0f} GB/s, grid {grid0}, S {s0}); "
+                  f"best {best['us']:7.1f} us ({best['GB/s']:6.0f} GB/s) at {best['blocks_per_sm']} blocks/SM, S "
+                  f"{best['split']}; registers {regs}", flush=True)
+            out.append({"case": name, "type": type, "rows": n, "K": k, "gated": gated, "activations": act,
+                        "registers": regs, "weight_copies": copies, "runs": rows})
+        be.int8_decode = True
     return out
 
 

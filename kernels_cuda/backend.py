@@ -67,7 +67,7 @@ class _Decode:
         ns = [w.shape[0] for w in ws] + [0] * (3 - n)
         k = ws[0].shape[1]
         grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm)
-        kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu, k)
+        kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu, k, be.int8_decode)
         args = (*y3, w3[0].q, w3[0].d, w3[1].q, w3[1].d, w3[2].q, w3[2].d, *b3, src.buf, x2, nw, eps,
                 self.res.buf if self.res is not None else dummy, self.z.buf if self.z is not None else dummy,
                 flags, *ns, k, split)
@@ -115,11 +115,12 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, threads: int | None = None, cache_type: str = "f16", int8_prefill: bool = True,
-                 gemv_tokens: int = 8, graphs: bool = True):
+                 gemv_tokens: int = 8, graphs: bool = True, int8_decode: bool = True):
         if cache_type not in att.CACHE_TYPES:
             raise PyquantError(f"the CUDA backend keeps {', '.join(att.CACHE_TYPES)} KV caches, not {cache_type!r}")
         self.cache_type = cache_type
         self.int8_prefill = int8_prefill
+        self.int8_decode = int8_decode
         self.gemv_tokens = max(1, min(int(gemv_tokens), 8))
         self.queue = LaunchQueue(graphs)
         self.arena = Arena()

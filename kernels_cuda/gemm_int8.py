@@ -134,6 +134,11 @@ def _make_gemm_q8(per16, mins):
         """y (T, N) f32; aq (T, KW) int32 words, sa/asum (T, K/32); bq (N, KW), sw (N, K/16), mw (N, K/32)."""
         s_a = cuda.shared.array((BM, PAD), int32)
         s_b = cuda.shared.array((BN, PAD), int32)
+        # the tile's scales, staged with its codes: the epilogue of every mma reads them
+        s_sa = cuda.shared.array((BM, 2), float32)
+        s_as = cuda.shared.array((BM, 2), float32)
+        s_sw = cuda.shared.array((BN, 4), float32)
+        s_mw = cuda.shared.array((BN, 2), float32)
         tid = cuda.threadIdx.x
         warp, lane = tid // 32, tid % 32
         g, tig = lane // 4, lane % 4
@@ -141,43 +146,54 @@ def _make_gemm_q8(per16, mins):
         wn = (warp % 4) * 32
         m0 = cuda.blockIdx.y * BM
         n0 = cuda.blockIdx.x * BN
+        nkb = KW // 8  # 32-blocks along K
         acc = cuda.local.array(64, float32)
         for i in range(64):
             acc[i] = 0.0
         for kw0 in range(0, KW, BKW):
             _load_tile(s_a, aq, m0, T, kw0, KW)
             _load_tile(s_b, bq, n0, N, kw0, KW)
+            kb0 = kw0 // 8
+            r, j = tid // 2, tid % 2  # 256 threads: a (row, block) each
+            kb = min(kb0 + j, nkb - 1)
+            ra, cb = min(m0 + r, T - 1), min(n0 + r, N - 1)
+            s_sa[r, j] = sa[ra, kb]
+            s_as[r, j] = asum[ra, kb] if mins else float32(0.0)
+            s_sw[r, 2 * j] = sw[cb, 2 * kb]
+            s_sw[r, 2 * j + 1] = sw[cb, 2 * kb + 1]
+            s_mw[r, j] = mw[cb, kb] if mins else float32(0.0)
             cuda.syncthreads()
-            for kk in range(0, BKW, 8):
-                blk = (kw0 + kk) // 8  # 32-block index along K
+            for j in range(2):
+                kk = 8 * j
                 if kw0 + kk < KW:
                     for mi in range(4):
                         r = wm + 16 * mi + g
                         a0, a1 = s_a[r, kk + tig], s_a[r + 8, kk + tig]
                         a2, a3 = s_a[r, kk + tig + 4], s_a[r + 8, kk + tig + 4]
-                        ra = min(m0 + r, T - 1)
-                        rb = min(m0 + r + 8, T - 1)
+                        sa0, sa1 = s_sa[r, j], s_sa[r + 8, j]
                         for ni in range(4):
                             cn = wn + 8 * ni + g
                             b0, b1 = s_b[cn, kk + tig], s_b[cn, kk + tig + 4]
                             o = 16 * mi + 4 * ni
+                            c = wn + 8 * ni + 2 * tig
                             if per16:
                                 lo = mma_s8(a0, a1, 0, 0, b0, 0, 0, 0, 0, 0)
                                 hi = mma_s8(0, 0, a2, a3, 0, b1, 0, 0, 0, 0)
+                                for i in range(4):
+                                    cc = c + i % 2
+                                    v = (sa0 if i < 2 else sa1) * (s_sw[cc, 2 * j] * float32(lo[i])
+                                                                    + s_sw[cc, 2 * j + 1] * float32(hi[i]))
+                                    if mins:
+                                        v -= (s_as[r, j] if i < 2 else s_as[r + 8, j]) * s_mw[cc, j]
+                                    acc[o + i] += v
                             else:
-                                lo = mma_s8(a0, a1, a2, a3, b0, b1, 0, 0, 0, 0)
-                                hi = lo
-                            for i in range(4):
-                                row = ra if i < 2 else rb
-                                col = min(n0 + wn + 8 * ni + 2 * tig + i % 2, N - 1)
-                                s = sa[row, blk]
-                                if per16:
-                                    v = s * (sw[col, 2 * blk] * float32(lo[i]) + sw[col, 2 * blk + 1] * float32(hi[i]))
-                                else:
-                                    v = s * sw[col, 2 * blk] * float32(lo[i])
-                                if mins:
-                                    v -= asum[row, blk] * mw[col, blk]
-                                acc[o + i] += v
+                                d = mma_s8(a0, a1, a2, a3, b0, b1, 0, 0, 0, 0)
+                                for i in range(4):
+                                    cc = c + i % 2
+                                    v = (sa0 if i < 2 else sa1) * s_sw[cc, 2 * j] * float32(d[i])
+                                    if mins:
+                                        v -= (s_as[r, j] if i < 2 else s_as[r + 8, j]) * s_mw[cc, j]
+                                    acc[o + i] += v
             cuda.syncthreads()
         for mi in range(4):
             for ni in range(4):

@@ -25,7 +25,7 @@ if SIM:
 
     @device
     def _s8(w, j):
-        b = (w >> (8 * j)) & 0xFF
+        b = (int(w) >> (8 * j)) & 0xFF  # a Python int: the words may come as numpy uint32
         return b - 256 if b >= 128 else b
 
     @device

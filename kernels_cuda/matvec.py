@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int32
 
+from .isa import dp4a
 from .jit import SIM, block_sum, device, gelu_tanh, kernel, silu, warp_sum
 from .quants import GPU_FORMATS
 
@@ -142,7 +143,7 @@ def _q5_word(w, qh, j0, xs, b):
 
 
 @device
-def _unit_q5_0(q, d, n, xs, xsum, u):
+def _unit_q5_0(q, d, n, xs, xsum, xq, u):
     uu, nn = U64(u), U64(n)
     o = U64(5) * uu
     qh, w0, w1, w2, w3 = q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)]
@@ -161,7 +162,7 @@ def _i8_word(w, j0, xs, b):
 
 
 @device
-def _unit_q8_0(q, d, n, xs, xsum, u):
+def _unit_q8_0(q, d, n, xs, xsum, xq, u):
     uu, nn = U64(u), U64(n)
     o = U64(8) * uu
     b = U64(UNIT + 1) * uu
@@ -189,7 +190,7 @@ def _scale_byte(s0, s1, s2, k):
 
 
 @device
-def _unit_q4_k(q, d, n, xs, xsum, u):
+def _unit_q4_k(q, d, n, xs, xsum, xq, u):
     uu, nn = U64(u), U64(n)
     blk = uu // U64(8)
     j = u % 8  # sub-block: 32 values, the low (even j) or high nibbles of qs bytes 32 (j // 2) ..
@@ -223,7 +224,7 @@ def _q6_word(lo, hi, shl, shh, j0, xs, b):
 
 
 @device
-def _unit_q6_k(q, d, n, xs, xsum, u):
+def _unit_q6_k(q, d, n, xs, xsum, xq, u):
     uu, nn = U64(u), U64(n)
     blk = uu // U64(8)
     j = u % 8  # values 32j ..: half h = j // 4, quarter k = j % 4
@@ -257,8 +258,11 @@ _NEEDS_SUM = ("q4_k", "q6_k")  # units that read xsum (mins, code offsets)
 _UNIT: dict = {}
 
 
-def _unit_fn(fmt):
-    """unit(q, d, n, xs, xsum, u): values 32u..32u+31 of row n dotted with the staged input."""
+def _unit_fn(fmt, int8: bool = False):
+    """unit(q, d, n, xs, xsum, xq, u): values 32u..32u+31 of row n dotted with the staged input: the float
+    units read xs (xsum: each unit's sum), the int8 ones xq (xsum: each unit's scale)."""
+    if int8:
+        return INT_UNITS[fmt.name]
     if fmt.name in _STRAIGHT:
         return _STRAIGHT[fmt.name]
     if fmt.name in _UNIT:
@@ -266,7 +270,7 @@ def _unit_fn(fmt):
     dec8, upb = fmt.dec8, fmt.block_values // UNIT
 
     @device
-    def unit(q, d, n, xs, xsum, u):  # the other formats through their 8-value decoders
+    def unit(q, d, n, xs, xsum, xq, u):  # the other formats through their 8-value decoders
         v = cuda.local.array(8, float32)
         blk = u // upb
         g0 = (u % upb) * 4
@@ -283,6 +287,148 @@ def _unit_fn(fmt):
     return unit
 
 
+# ---- the same units on int8 activations (dp4a) --------------------------------------------------------------
+# The input is quantized per unit as Q8_1 is (codes c = rint(v * 127 / max|v|), scale max|v| / 127), staged as
+# QW words a unit: 8 words of 4 codes, the sum of the 32 codes, the sum of the first 16 (q6_k's halves), a pad
+# word (QW = 11, coprime with the 32 banks: lane l reading unit l never conflicts). A weight word then meets
+# an activation word in one dp4a: about one instruction per value where the float units take 5 to 9.
+
+QW = 11
+M4 = U32(0x0F0F0F0F)
+
+
+@device
+def _hbits(qh, j):
+    """Bits j..j+3 of qh moved to bit 4 of bytes 0..3: q5's fifth bits for one word of nibbles."""
+    return U32(U32(U32(U32(qh >> U32(j)) & U32(15)) << U32(4)) * U32(0x00204081)) & U32(0x10101010)
+
+
+@device
+def _dot_nibbles(w0, w1, w2, w3, xq, b):
+    """Codes 0..15 in the low then high nibbles of four words (values j and j + 16 in byte j): dot with xq."""
+    s = dp4a(w0 & M4, xq[b], I32(0))
+    s = dp4a(w1 & M4, xq[b + U64(1)], s)
+    s = dp4a(w2 & M4, xq[b + U64(2)], s)
+    s = dp4a(w3 & M4, xq[b + U64(3)], s)
+    s = dp4a(U32(w0 >> U32(4)) & M4, xq[b + U64(4)], s)
+    s = dp4a(U32(w1 >> U32(4)) & M4, xq[b + U64(5)], s)
+    s = dp4a(U32(w2 >> U32(4)) & M4, xq[b + U64(6)], s)
+    return dp4a(U32(w3 >> U32(4)) & M4, xq[b + U64(7)], s)
+
+
+@device
+def _dot_q5(qh, w0, w1, w2, w3, xq, b):
+    s = dp4a(U32(w0 & M4) | _hbits(qh, 0), xq[b], I32(0))
+    s = dp4a(U32(w1 & M4) | _hbits(qh, 4), xq[b + U64(1)], s)
+    s = dp4a(U32(w2 & M4) | _hbits(qh, 8), xq[b + U64(2)], s)
+    s = dp4a(U32(w3 & M4) | _hbits(qh, 12), xq[b + U64(3)], s)
+    s = dp4a(U32(U32(w0 >> U32(4)) & M4) | _hbits(qh, 16), xq[b + U64(4)], s)
+    s = dp4a(U32(U32(w1 >> U32(4)) & M4) | _hbits(qh, 20), xq[b + U64(5)], s)
+    s = dp4a(U32(U32(w2 >> U32(4)) & M4) | _hbits(qh, 24), xq[b + U64(6)], s)
+    return dp4a(U32(U32(w3 >> U32(4)) & M4) | _hbits(qh, 28), xq[b + U64(7)], s)
+
+
+@device
+def _iunit_q4_0(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    o, b = U64(4) * uu, U64(QW) * uu
+    s = _dot_nibbles(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], xq, b)
+    return d[nn, uu] * xd[uu] * float32(I32(s - I32(8) * xq[b + U64(8)]))
+
+
+@device
+def _iunit_q4_1(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    o, b = U64(4) * uu, U64(QW) * uu
+    s = _dot_nibbles(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], xq, b)
+    return xd[uu] * (d[nn, U64(2) * uu] * float32(s) + d[nn, U64(2) * uu + U64(1)] * float32(xq[b + U64(8)]))
+
+
+@device
+def _iunit_q5_0(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    o, b = U64(5) * uu, U64(QW) * uu
+    s = _dot_q5(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)], xq, b)
+    return d[nn, uu] * xd[uu] * float32(I32(s - I32(16) * xq[b + U64(8)]))
+
+
+@device
+def _iunit_q5_1(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    o, b = U64(5) * uu, U64(QW) * uu
+    s = _dot_q5(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)], xq, b)
+    return xd[uu] * (d[nn, U64(2) * uu] * float32(s) + d[nn, U64(2) * uu + U64(1)] * float32(xq[b + U64(8)]))
+
+
+@device
+def _iunit_q8_0(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    o, b = U64(8) * uu, U64(QW) * uu
+    s = dp4a(q[nn, o], xq[b], I32(0))
+    for i in range(1, 8):
+        s = dp4a(q[nn, o + U64(i)], xq[b + U64(i)], s)
+    return d[nn, uu] * xd[uu] * float32(s)
+
+
+@device
+def _iunit_q4_k(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    blk = uu // U64(8)
+    j = u % 8
+    o = U64(35) * blk
+    s0, s1, s2 = q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)]
+    if j < 4:
+        sc = U32(_scale_byte(s0, s1, s2, j) & U32(63))
+        m = U32(_scale_byte(s0, s1, s2, j + 4) & U32(63))
+    else:
+        hi = _scale_byte(s0, s1, s2, j + 4)
+        sc = U32(hi & U32(15)) | U32(U32(_scale_byte(s0, s1, s2, j - 4) >> U32(6)) << U32(4))
+        m = U32(hi >> U32(4)) | U32(U32(_scale_byte(s0, s1, s2, j) >> U32(6)) << U32(4))
+    oq = o + U64(3) + U64(8) * U64(j // 2)
+    sh = U32(4 * (j % 2))
+    b = U64(QW) * uu
+    s = dp4a(U32(q[nn, oq] >> sh) & M4, xq[b], I32(0))
+    for i in range(1, 8):
+        s = dp4a(U32(q[nn, oq + U64(i)] >> sh) & M4, xq[b + U64(i)], s)
+    return xd[uu] * (d[nn, U64(2) * blk] * float32(sc) * float32(s)
+                     - d[nn, U64(2) * blk + U64(1)] * float32(m) * float32(xq[b + U64(8)]))
+
+
+@device
+def _q6_codes(lo, hi, shl, shh):
+    return U32(U32(lo >> shl) & M4) | U32(U32(U32(hi >> shh) & U32(0x03030303)) << U32(4))
+
+
+@device
+def _iunit_q6_k(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+    uu, nn = U64(u), U64(n)
+    blk = uu // U64(8)
+    j = u % 8
+    h, k = j // 4, j % 4
+    o = U64(52) * blk
+    ol = o + U64(16 * h + 8 * (k % 2))
+    oh = o + U64(32 + 8 * h)
+    shl, shh = U32(4 * (k // 2)), U32(2 * k)
+    b = U64(QW) * uu
+    sa = dp4a(_q6_codes(q[nn, ol], q[nn, oh], shl, shh), xq[b], I32(0))
+    for i in range(1, 4):
+        sa = dp4a(_q6_codes(q[nn, ol + U64(i)], q[nn, oh + U64(i)], shl, shh), xq[b + U64(i)], sa)
+    sb = dp4a(_q6_codes(q[nn, ol + U64(4)], q[nn, oh + U64(4)], shl, shh), xq[b + U64(4)], I32(0))
+    for i in range(5, 8):
+        sb = dp4a(_q6_codes(q[nn, ol + U64(i)], q[nn, oh + U64(i)], shl, shh), xq[b + U64(i)], sb)
+    ws = q[nn, o + U64(48) + U64(j // 2)]  # the int8 scales of the unit's two halves of 16
+    sh = 16 * (j % 2)
+    sc_a = I32(I32(U32(ws << U32(24 - sh))) >> I32(24))
+    sc_b = I32(I32(U32(ws << U32(16 - sh))) >> I32(24))
+    ha = xq[b + U64(9)]  # codes are stored + 32: sum (c - 32) x = sum c x - 32 sum x, per half of 16
+    hb = I32(xq[b + U64(8)] - ha)
+    return d[nn, blk] * xd[uu] * float32(I32(sc_a * I32(sa - I32(32) * ha) + sc_b * I32(sb - I32(32) * hb)))
+
+
+INT_UNITS = {"q4_0": _iunit_q4_0, "q4_1": _iunit_q4_1, "q5_0": _iunit_q5_0, "q5_1": _iunit_q5_1,
+             "q8_0": _iunit_q8_0, "q4_k": _iunit_q4_k, "q6_k": _iunit_q6_k}
+
+
 def stage_units(K: int) -> int:
     """Units of staged input a decode GEMV kernel holds (its shared array is sized at compile time)."""
     u = 32
@@ -294,26 +440,29 @@ def stage_units(K: int) -> int:
 _GEMV1: dict = {}
 
 
-def gemv1_kernel(types: tuple, mode: int, glu: int, K: int):
+def gemv1_kernel(types: tuple, mode: int, glu: int, K: int, int8: bool = True):
     """The decode GEMV over weights of `types` (1-3), input `mode`, gated by `glu` (0, SWIGLU or GEGLU), for
-    rows of K values (K <= STAGE)."""
-    key = (types, mode, glu, stage_units(K))
+    rows of K values (K <= STAGE); on int8 activations (dp4a) when `int8` and every type has an int8 unit."""
+    int8 = bool(int8) and all(t in INT_UNITS for t in types)
+    key = (types, mode, glu, stage_units(K), int8)
     kern = _GEMV1.get(key)
     if kern is None:
         fmts = tuple(GPU_FORMATS[t] for t in types)
-        kern = _GEMV1[key] = _make_gemv1((fmts + (fmts[0],) * 2)[:3], mode, glu, key[3])
+        kern = _GEMV1[key] = _make_gemv1((fmts + (fmts[0],) * 2)[:3], mode, glu, key[3], int8)
     return kern
 
 
-def _make_gemv1(fmts, mode, glu, units):
-    unit1, unit2, unit3 = (_unit_fn(f) for f in fmts)
-    need_sum = any(f.name in _NEEDS_SUM for f in fmts)
+def _make_gemv1(fmts, mode, glu, units, int8):
+    unit1, unit2, unit3 = (_unit_fn(f, int8) for f in fmts)
+    need_sum = not int8 and any(f.name in _NEEDS_SUM for f in fmts)
     n_stage = (UNIT + 1) * units  # one padding word a unit: lane l reading unit l hits bank l + i
+    n_q = QW * units if int8 else 1
 
     @kernel
     def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
         xs = cuda.shared.array(n_stage, float32)
         xsum = cuda.shared.array(units, float32)
+        xq = cuda.shared.array(n_q, int32)
         red = cuda.shared.array(32, float32)
         pa = cuda.shared.array(WARPS1, float32)
         pb = cuda.shared.array(WARPS1, float32)
@@ -345,6 +494,10 @@ def _make_gemv1(fmts, mode, glu, units):
                 for i in range(UNIT):
                     t += xs[(UNIT + 1) * uq + i]
                 xsum[uq] = t
+        if int8:  # each unit to int8 codes, a thread a unit (RMSNorm's 1/rms left out: the scale is per unit)
+            cuda.syncthreads()
+            for uq in range(tid, K // UNIT, nt):
+                _quantize_unit(xs, xsum, xq, uq)
         rs = float32(1.0)
         if mode == RMS:
             rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
@@ -364,17 +517,17 @@ def _make_gemv1(fmts, mode, glu, units):
             b = float32(0.0)
             if glu:
                 for u in range(u0, nu, step):  # both weights' loads in one iteration
-                    a += unit1(q1, d1, rr, xs, xsum, u)
-                    b += unit2(q2, d2, rr, xs, xsum, u)
+                    a += unit1(q1, d1, rr, xs, xsum, xq, u)
+                    b += unit2(q2, d2, rr, xs, xsum, xq, u)
             elif rr < n1:
                 for u in range(u0, nu, step):
-                    a += unit1(q1, d1, rr, xs, xsum, u)
+                    a += unit1(q1, d1, rr, xs, xsum, xq, u)
             elif rr < n1 + n2:
                 for u in range(u0, nu, step):
-                    a += unit2(q2, d2, rr - n1, xs, xsum, u)
+                    a += unit2(q2, d2, rr - n1, xs, xsum, xq, u)
             else:
                 for u in range(u0, nu, step):
-                    a += unit3(q3, d3, rr - n1 - n2, xs, xsum, u)
+                    a += unit3(q3, d3, rr - n1 - n2, xs, xsum, xq, u)
             a = warp_sum(a)
             if glu:
                 b = warp_sum(b)
@@ -393,6 +546,31 @@ def _make_gemv1(fmts, mode, glu, units):
                 _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
 
     return gemv1
+
+
+@device
+def _quantize_unit(xs, xsum, xq, uq):
+    """Unit uq of the staged input xs to QW words of xq (codes, their sum, the first half's) and its scale."""
+    b = U64(UNIT + 1) * U64(uq)
+    amax = float32(0.0)
+    for i in range(UNIT):
+        amax = max(amax, abs(xs[b + U64(i)]))
+    inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+    o = U64(QW) * U64(uq)
+    total = I32(0)
+    half = I32(0)
+    for w in range(8):
+        word = U32(0)
+        for j in range(4):
+            c = I32(round(xs[b + U64(4 * w + j)] * inv))  # round half to even, as Q8_0's x86 quantizer
+            total += c
+            word |= U32(U32(c) & U32(255)) << U32(8 * j)
+        xq[o + U64(w)] = I32(word)
+        if w == 3:
+            half = total
+    xq[o + U64(8)] = total
+    xq[o + U64(9)] = half
+    xsum[uq] = amax / float32(127.0)
 
 
 @device
@@ -431,8 +609,8 @@ def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_S
     while s < WARPS1 and rows * s < 8 * n_sm and nu > 32 * s:
         s *= 2
     s = split or s
-    per = WARPS1 // s
-    return min(-(-rows // per), blocks_per_sm * n_sm), 32 * WARPS1, s
+    per = WARPS1 // s  # rows a block takes a step; a block of S x per warps (S need not divide 8)
+    return min(-(-rows // per), blocks_per_sm * n_sm), 32 * s * per, s
 
 
 # ---- float GEMM for many tokens (formats without int8 codes, or int8 prefill off) -------------------------

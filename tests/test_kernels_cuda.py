@@ -55,7 +55,24 @@ def dense(t: TensorInfo) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def be():
+    """Float activations throughout: products are the float32 arithmetic of the dequantized weights."""
+    return CudaBackend(cache_type="f32", int8_decode=False)
+
+
+@pytest.fixture(scope="module")
+def be8():
+    """The default: one-token products on activations rounded to int8 per 32 values (dp4a)."""
     return CudaBackend(cache_type="f32")
+
+
+def q8_round(v: np.ndarray) -> np.ndarray:
+    """v as the int8 decode GEMV sees it: per 32 values, codes rint(v * 127 / max|v|) (float32 arithmetic,
+    half to even) times the scale max|v| / 127."""
+    b = np.asarray(v, np.float32).reshape(-1, 32)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return (np.rint(b * inv) * (amax / np.float32(127))).astype(np.float64).reshape(np.shape(v))
 
 
 # ---- 1. dequantizing GEMV ------------------------------------------------------------------------------
@@ -131,6 +148,50 @@ def test_decode_gemv_joins(be):
         assert rel(be.to_host(z), act @ dd.T + r) < 2e-6, op
         assert rel(be.to_host(a), act) < 2e-6, op
         assert rel(be.to_host(g), gr) < 2e-6 and rel(be.to_host(u), ur) < 2e-6, op
+
+
+@pytest.mark.parametrize("type", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q6_k"])
+def test_decode_gemv_int8(be8, type):
+    """One token on int8 activations: every format with an int8 unit against the dequantized weights times
+    the input rounded as the kernel rounds it (q8_round); lanes with no unit, K-quant sub-blocks of both kinds."""
+    k = 512 if type.endswith("_k") else 320
+    t = make_weight(type, ROWS, k, seed=3)
+    x = np.random.default_rng(7).standard_normal((1, k)).astype(np.float32)
+    x[0, :32] = 0.0  # a unit of zeros: scale 0
+    y = be8.to_host(be8.linear(be8.from_host(x), be8.weight(t)))
+    assert rel(y, q8_round(x) @ dense(t).T) < 1e-5, type
+    assert rel(y, x.astype(np.float64) @ dense(t).T) < 3e-2, type  # and near the float product
+
+
+def test_decode_gemv_int8_fusions(be8):
+    """The fused inputs on int8 activations: RMSNorm (its 1/rms applied after rounding), q/k/v of three types
+    with biases in one launch, gate/up with SwiGLU in the epilogue, then down + residual over the gate's output."""
+    ref_be = NumpyBackend(cache_type="f32", act_quant=False)
+    rng = np.random.default_rng(8)
+    k, ff = 256, 512
+    x, nw = rng.standard_normal((1, k)).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    ts = [make_weight(ty, n, k, seed=s) for ty, n, s in (("q5_0", 7, 1), ("q4_1", 3, 2), ("q8_0", 3, 3))]
+    biases = [rng.standard_normal(t.shape[0]).astype(np.float32) for t in ts]
+    h = be8.rms_norm(be8.from_host(x), be8.from_host(nw), 1e-6)
+    ys = [be8.linear(h, be8.weight(t), be8.from_host(b)) for t, b in zip(ts, biases)]
+    assert len(be8.queue.items) == 1
+    rs = 1 / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-6)
+    hq = q8_round(x * nw) * rs
+    for y, t, b in zip(ys, ts, biases):
+        assert rel(be8.to_host(y), hq @ dense(t).T + b) < 1e-5, t.type
+    wg, wu, wd = (make_weight(ty, n, kk, seed=s) for ty, n, kk, s in (("q5_0", ff, k, 4), ("q8_0", ff, k, 5),
+                                                                     ("q6_k", 5, ff, 6)))
+    r = rng.standard_normal((1, 5)).astype(np.float32)
+    xd = be8.from_host(x)
+    a = be8.swiglu(be8.linear(xd, be8.weight(wg)), be8.linear(xd, be8.weight(wu)))
+    z = be8.add(be8.from_host(r), be8.linear(a, be8.weight(wd)))
+    assert len(be8.queue.items) == 2
+    gr, ur = q8_round(x) @ dense(wg).T, q8_round(x) @ dense(wu).T
+    act = gr / (1 + np.exp(-gr)) * ur
+    assert rel(be8.to_host(a), act) < 1e-5
+    got_a = be8.to_host(a)
+    assert rel(be8.to_host(z), q8_round(got_a) @ dense(wd).T + r) < 1e-5
+    assert rel(be8.to_host(z), ref_be.swiglu(x @ dense(wg).T, x @ dense(wu).T) @ dense(wd).T + r) < 5e-2
 
 
 # ---- 2. int8 GEMMs ------------------------------------------------------------------------------------------
@@ -377,9 +438,13 @@ def test_backend_logits_match_numpy(tmp_path, arch):
     rc = ref.new_cache(16)
     want = [ref.forward(tokens[:n_pre], 0, rc, all_logits=True)]
     want += [ref.forward(tokens[i : i + 1], i, rc) for i in steps]
-    backends = [(CudaBackend(cache_type="f32"), 1e-5)]
-    if not SIM:  # the int8 path of prefill runs in the simulator in test_prefill_gemm
-        backends.append((CudaBackend(cache_type="f32", gemv_tokens=2), 6e-2))
+    # float decode: the numpy arithmetic; the default rounds decode activations to int8 (dp4a), and
+    # gemv_tokens=2 sends the prefill through the int8 GEMM: looser bounds. The simulator runs the default alone
+    # (the float products are checked op by op in the GEMV tests).
+    backends = [(CudaBackend(cache_type="f32"), 6e-2)]
+    if not SIM:
+        backends += [(CudaBackend(cache_type="f32", int8_decode=False), 1e-5),
+                     (CudaBackend(cache_type="f32", gemv_tokens=2), 6e-2)]
     for be, tol in backends:
         m = Transformer(f, be)
         cache = m.new_cache(16)
