@@ -1,13 +1,43 @@
 """Greedy decoding without a host round trip a token: the device argmax (kernels_cuda/argmax.py) against
-np.argmax.
+np.argmax; CudaBackend.replay_greedy through Transformer.greedy on the tiny model against the numpy backend's
+forward + np.argmax loop.
+
+The CUDA tests run in numba's simulator without a GPU, on a one-head tiny model (a decode step takes seconds
+there: they run four single-token passes in all).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_kernels_cuda import tiny_gguf
 
-import test_kernels_cuda  # noqa: F401 (the simulator turned on before numba.cuda is imported)
+from pyquant.backend import NumpyBackend
+from pyquant.errors import PyquantError
+from pyquant.gguf import GGUFFile
+from pyquant.model import Transformer
+
+# the simulator's one-head qwen2 tiny model's greedy continuations, no token repeated early (a token fed twice in
+# a row would hide a step that read a stale one): [3, 17] -> 41, 8, 45, 13, 45, 45, 33, ...; [16] -> 38, 32, 5, ...
+PROMPT = [3, 17]
+START = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return GGUFFile(tiny_gguf(tmp_path_factory.mktemp("greedy") / "tiny.gguf", "qwen2", n_head=1))
+
+
+def reference(f, prompt, n):
+    """The numpy backend's per-token loop: n greedy tokens after the prompt, and the logits of each step."""
+    ref = Transformer(f, NumpyBackend(cache_type="f32", act_quant=False))
+    cache = ref.new_cache(16)
+    logits = [ref.forward(np.array(prompt), 0, cache)]
+    toks = []
+    for pos in range(len(prompt), len(prompt) + n):
+        toks.append(int(np.argmax(logits[-1])))
+        logits.append(ref.forward(np.array([toks[-1]]), pos, cache))
+    return toks, logits
 
 
 # ---- the argmax kernel -----------------------------------------------------------------------------------
@@ -57,3 +87,41 @@ def test_argmax_step_matches_numpy():
     assert got[0] == len(cases) and list(got[1 : len(cases)]) == want[:-1]
     assert list(got[len(cases) :]) == [-1] * 3  # past the ring: untouched
     assert scratch[2].copy_to_host()[0] == 0  # the count is left zeroed for the next launch
+
+
+# ---- replay_greedy in the transformer ----------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_replay_greedy_matches_per_token_loop(tiny):
+    """On the CUDA backend, against the numpy backend's forward + np.argmax loop from token START at position 0:
+    Transformer.greedy (nothing recorded: replay_greedy says None, a forward step records the decode step, two
+    steps run with the device argmax feeding each the token and position); an ordinary (replayed) step after
+    them. The tokens are the loop's; the last device step's logits, the parameter block and the cache are as
+    the loop leaves them (the next step's logits match it)."""
+    from kernels_cuda.backend import CudaBackend
+
+    want, want_logits = reference(tiny, [START], 6)  # want_logits[k]: after feeding want[k - 1] at position k
+    be = CudaBackend(cache_type="f32")
+    m = Transformer(tiny, be)
+    cache = m.new_cache(8)
+    assert be.replay_greedy((m, cache, False), START, 0, 2) is None  # no step recorded
+    got = m.greedy(START, 0, cache, 3)
+    assert got.dtype == np.int32 and list(got) == want[:3]
+    assert be.n_greedy_steps == 2 and be.n_replays == 0
+    s = be._step
+    assert s.key[1] is cache and s.n_ctx == 8
+
+    def close(a, b):
+        return np.abs(a - b).max() < 1e-5 * np.abs(b).max()
+
+    assert close(s.out.copy_to_host(), want_logits[2])  # the step at position 2, run by the device loop
+    assert list(s.params.copy_to_host()) == [3, want[2]]  # next position, the token chosen last
+    assert close(m.forward(np.array([want[2]]), 3, cache), want_logits[3])
+    assert be.n_replays == 1
+    with pytest.raises(PyquantError, match="out of range"):
+        be.replay_greedy(s.key, m.hp.n_vocab, 6, 1)
+    with pytest.raises(PyquantError, match="n_ctx"):
+        be.replay_greedy(s.key, 1, 6, 3)
+    with pytest.raises(PyquantError, match="context full"):
+        m.greedy(1, 6, cache, 3)
