@@ -5,8 +5,11 @@ GEMM at M = N = K = 4096 against torch._int_mm and the decode roofline.
 The real GGUF files cannot travel to the GPU machine, so each model is rebuilt there: transformers makes a
 random fp16 checkpoint from the real config.json (bench/models/NAME), and `pyquant convert --type q4_k_m`
 turns it into a GGUF with the real files' type mix. Measures, as llama-bench does: pp512 (one forward pass
-over 512 tokens; median of 5 after a warm-up) and tg128 (128 single-token steps from an empty context,
-greedy; median of 3 runs). Prints one table, writes e2e_gpu.json and e2e_gpu.png to --out.
+over 512 tokens; median of 5 after a warm-up) and tg128 (128 tokens of greedy generation from an empty
+context; median of 3 runs). pyquant's tg_tok_s is `Transformer.greedy` in chunks of generate.GREEDY_CHUNK, as
+`pyquant run --temp 0` generates (on CUDA the argmax runs on the device: one host round trip a chunk);
+tg_logits_tok_s is one forward a token with the logits copied to the host and argmaxed there. Prints one
+table, writes e2e_gpu.json and e2e_gpu.png to --out.
 
     python bench/e2e_gpu.py --out $OUT [--models qwen gemma] [--cpu-tg 16]
 """
@@ -102,15 +105,39 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
     tok = int(prompt[0])
     for i in range(3):  # compiles, then captures the decode graph
         m.forward(np.array([tok]), i, cache)
-    tg = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    try:
+        from pyquant.generate import GREEDY_CHUNK as chunk
+    except ImportError:  # a baseline without greedy chunks (and without replay_greedy)
+        chunk = 16
+    chunk = max(chunk, 1)
+    greedy = getattr(m, "greedy", None)
+    fast = greedy is not None and hasattr(be, "replay_greedy")  # elsewhere greedy is the per-token loop
+    if fast:
+        greedy(tok, 0, cache, chunk)  # compiles the argmax, captures the step + argmax graph
+
+    def tg_greedy():  # as generate_tokens does at temperature 0
+        t, first = tok, time.perf_counter()
+        for i in range(0, n_tg, chunk):
+            t = int(greedy(t, i, cache, min(chunk, n_tg - i))[-1])
+        return time.perf_counter() - first
+
+    def tg_logits():  # one forward a token, logits to the host, numpy's argmax
+        t, first = tok, time.perf_counter()
         for i in range(n_tg):
-            tok = int(np.argmax(m.forward(np.array([tok]), i, cache)))
-        tg.append(time.perf_counter() - t0)
+            t = int(np.argmax(m.forward(np.array([t]), i, cache)))
+        return time.perf_counter() - first
+
+    tg, tgl = [], []
+    for _ in range(3):
+        tgl.append(tg_logits())
+        if fast:
+            tg.append(tg_greedy())
+    tg = tg or tgl
     tg_s = float(np.median(tg))
-    res = {"pp_tok_s": n_pp / float(np.median(pp)), "tg_tok_s": n_tg / tg_s, "n_pp": n_pp, "n_tg": n_tg,
-           "warm_s": warm_s, "pp_s_runs": [round(x, 4) for x in pp], "tg_s_runs": [round(x, 4) for x in tg]}
+    res = {"pp_tok_s": n_pp / float(np.median(pp)), "tg_tok_s": n_tg / tg_s,
+           "tg_logits_tok_s": n_tg / float(np.median(tgl)), "n_pp": n_pp, "n_tg": n_tg, "warm_s": warm_s,
+           "pp_s_runs": [round(x, 4) for x in pp], "tg_s_runs": [round(x, 4) for x in tg],
+           "tg_logits_s_runs": [round(x, 4) for x in tgl]}
     if q is not None:
         res["graph_launches"] = q.n_graph_launches
         res["replays"] = getattr(be, "n_replays", 0)
@@ -124,8 +151,10 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
                 graph.launch(q.core_stream)
             q.synchronize()
             res["graph_ms_per_token"] = (time.perf_counter() - t0) / 50 * 1e3
-            # everything but the graph: parameter copy, launch, logits copy, argmax (and any Python rebuild)
+            # everything but the graph: in greedy generation the argmax kernel and a round trip a chunk; with
+            # logits the parameter copy, launch, logits copy, numpy's argmax (and any Python rebuild)
             res["host_ms_per_token"] = tg_s / n_tg * 1e3 - res["graph_ms_per_token"]
+            res["host_logits_ms_per_token"] = 1e3 / res["tg_logits_tok_s"] - res["graph_ms_per_token"]
         res["kernel_us"] = kernel_profile(q, q.last_sig)
         res["prefill_kernel_us"] = kernel_profile(q, pp_items, reps=3)
         res["kernel_resources"] = kernel_resources()
@@ -266,6 +295,8 @@ def table(results: dict) -> str:
                          f"{results['hbm_tb_s']:.2f} TB/s; {c.get('kernels_per_token')} kernels/token; per token: "
                          f"host {c.get('host_ms_per_token', 0):.2f} ms, graph replay {c.get('graph_ms_per_token', 0):.2f} ms "
                          f"(kernels alone {c.get('kernel_us', {}).get('total', 0) / 1e3:.2f} ms); "
+                         f"with the logits to the host a token: tg {c.get('tg_logits_tok_s', 0):.0f} tok/s, host "
+                         f"{c.get('host_logits_ms_per_token', 0):.2f} ms; "
                          f"a rebuilt step {c.get('build_ms_per_token', 0):.2f} ms")
             if isinstance(t, dict):
                 lines.append(f"{name:8} cuda / transformers: pp {c['pp_tok_s'] / t['pp_tok_s']:.2f}x, "

@@ -11,7 +11,9 @@ the queue of one decode step is replayed as a CUDA graph (launch.py). With one t
 input join one launch (q, k, v; gate and up, with the gate computed in it: `_Decode`), RoPE stays pending until
 attention turns q and k as it stores K and V (one launch), so a llama/qwen layer is 6 launches. `replay_step`
 records a whole decode step and runs it again for the next token without the model's Python: the token and
-position go into the parameter block, then one graph launch and the logits copy.
+position go into the parameter block, then one graph launch and the logits copy. `replay_greedy` runs the
+recorded step with the device argmax after it (argmax.py: the chosen token and the next position go straight
+into the parameter block) n times back to back, then copies the n tokens back once: no host round trip a token.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pyquant.backend import rope_cos_sin
 from pyquant.errors import PyquantError
 from pyquant.gguf import TensorInfo
 
+from . import argmax as am
 from . import attention as att
 from . import gemm_int8 as g8
 from . import matvec as mv
@@ -133,7 +136,11 @@ class CudaBackend:
         self._step_params = np.zeros(2, np.int32) if SIM else cuda.pinned_array(2, np.int32)
         self._last_out = None  # (flush number, flat buffer, host array) of the last to_host that launched work
         self._rows_limit = 0
+        self._ctx_limit = None  # the smallest n_ctx of the caches the pass being queued attends to
+        self._argmax = None  # argmax_step's scratch, made at the first replay_greedy
+        self._ring_zero = np.zeros(1, np.int32) if SIM else cuda.pinned_array(1, np.int32)
         self.n_replays = 0
+        self.n_greedy_steps = 0  # decode steps run by replay_greedy
         self.n_sm = 1 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
         self._dec: _Decode | None = None  # the decode GEMV that the next op may join
 
@@ -182,8 +189,50 @@ class CudaBackend:
         lo = self._last_out
         if (q.n_flushes == n0 + 1 and lo is not None and lo[0] == n0 + 1 and q.last_n_params == 2
                 and isinstance(out, np.ndarray) and out.size == lo[2].size and np.may_share_memory(out, lo[2])):
-            self._step = Step(key, q.last_sig, q.params_dev, lo[1], out.shape, self._rows_limit)
+            self._step = Step(key, q.last_sig, q.params_dev, lo[1], out.shape, self._rows_limit, self._ctx_limit)
         return out
+
+    def replay_greedy(self, key, tok: int, pos0: int, n: int) -> np.ndarray | None:
+        """The n greedy tokens after feeding `tok` at pos0 through the decode step recorded under `key` (see
+        replay_step), or None when none is (the caller then runs forward steps). Each run of the step is
+        followed by argmax.argmax_step, which writes the chosen token and the next position into the parameter
+        block for the next run: n runs go out back to back (one graph launch each), then one copy of the tokens
+        and one synchronize. The cache then holds K/V of the n tokens fed (tok and the first n - 1 chosen) at
+        pos0 .. pos0 + n - 1, as n forward calls would leave it."""
+        s, q = self._step, self.queue
+        if s is None or s.key != key or q.items or s.n_ctx is None or s.out.size > s.n_rows:
+            return None  # (an argmax over more logits than embedding rows could choose an id get_rows refuses)
+        tok, pos0, n = int(tok), int(pos0), int(n)
+        if not 0 <= tok < s.n_rows:
+            raise PyquantError(f"token id out of range [0, {s.n_rows})")
+        if n < 1 or pos0 < 0 or pos0 + n > s.n_ctx:
+            raise PyquantError(f"greedy decoding of {n} tokens at position {pos0} does not fit n_ctx {s.n_ctx}")
+        if s.greedy is None:
+            if self._argmax is None:
+                self._argmax = am.scratch()
+            ring = cuda.device_array(1 + s.n_ctx, np.int32)  # a count, then up to n_ctx tokens
+            items = s.items + [(am.argmax_step, *am.grid(s.out.size), (s.out, s.out.size, s.params, ring,
+                                                                       *self._argmax))]
+            host = np.zeros(ring.size, np.int32) if SIM else cuda.pinned_array(ring.size, np.int32)
+            s.greedy = (items, q.capture(items), ring, host)
+        items, graph, ring, host = s.greedy
+        p = self._step_params
+        p[0], p[1] = pos0, tok
+        s.params.copy_to_device(p, stream=q.stream)
+        ring[:1].copy_to_device(self._ring_zero, stream=q.stream)
+        for _ in range(n):  # no host synchronization in between: the argmax feeds the next run on the device
+            if graph is not None:
+                graph.launch(q.core_stream)
+            else:
+                q.run_eager(items)
+        q.n_graph_launches += n if graph is not None else 0
+        q.n_launches += n * len(items)
+        ring[: 1 + n].copy_to_host(host[: 1 + n], stream=q.stream)
+        q.synchronize()
+        self.n_greedy_steps += n
+        if host[0] != n:
+            raise PyquantError(f"device argmax counted {host[0]} tokens for {n} steps")
+        return host[1 : 1 + n].copy()
 
     def _replay(self, s: Step, tok: int, pos0: int) -> np.ndarray:
         if not 0 <= tok < s.n_rows:
@@ -219,6 +268,7 @@ class CudaBackend:
     def get_rows(self, w: CudaWeight, ids: np.ndarray) -> Tensor:  # (T, D)
         if not self.queue.items:
             self.arena.reset()  # a new forward pass: the last one's activations are done with
+            self._ctx_limit = None
         ids = np.asarray(ids, np.int64)
         self._rows_limit = w.shape[0]
         lo, hi = (int(ids[0]), int(ids[0])) if len(ids) == 1 else (ids.min(), ids.max()) if len(ids) else (0, 0)
@@ -427,6 +477,7 @@ class CudaBackend:
         if pos0 + t > cache.n_ctx:
             raise PyquantError(f"context full: {pos0 + t} tokens exceed n_ctx {cache.n_ctx}")
         self.queue.set_pos0(pos0)
+        self._ctx_limit = cache.n_ctx if self._ctx_limit is None else min(self._ctx_limit, cache.n_ctx)
         (kc, ks), (vc, vs) = cache.k[layer], cache.v[layer]
         pd = self.queue.params_dev
         n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // att.kv_per_thread(cache.kind)

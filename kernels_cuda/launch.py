@@ -130,15 +130,18 @@ class Arena:
 class Step:
     """One recorded forward pass of a single token (a decode step): its launches, which read the token id and
     the position from parameter slots 1 and 0, and the tensor its caller brought back. `CudaBackend.replay_step`
-    runs it again for another token and position: a 8-byte parameter copy, one graph launch, the output copy."""
+    runs it again for another token and position: a 8-byte parameter copy, one graph launch, the output copy.
+    `CudaBackend.replay_greedy` runs it with the device argmax after it (`greedy`, made at its first use)."""
 
-    __slots__ = ("graph", "host", "items", "key", "n_rows", "out", "params", "shape")
+    __slots__ = ("graph", "greedy", "host", "items", "key", "n_ctx", "n_rows", "out", "params", "shape")
 
-    def __init__(self, key, items, params_dev, out, shape, n_rows):
+    def __init__(self, key, items, params_dev, out, shape, n_rows, n_ctx):
         self.key, self.items, self.out, self.shape, self.n_rows = key, items, out, shape, n_rows
+        self.n_ctx = n_ctx  # positions its KV caches hold (the smallest of them)
         self.params = params_dev[:2]
         self.graph = None
         self.host = None  # pinned, made at the first replay (a step that is never replayed allocates nothing)
+        self.greedy = None  # (items + argmax, their graph or None, token ring, its pinned host copy)
 
 
 def _core():

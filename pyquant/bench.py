@@ -2,11 +2,11 @@
 peer on the same GGUF file, as llama-bench measures them.
 
 Each engine runs in its own child process on the same file and the same random token ids: pp (one forward of
-an n_prompt-token prompt, tok/s), tg (n_gen single-token steps from an empty context, tok/s), medians over
-the repetitions; the first run of each side is a warm-up. The parent reads each child's peak RSS from the
-kernel (os.wait4's rusage, the RUSAGE_CHILDREN accounting of that one child) and its time to first token:
-from the child's start, imports and model load included, to the logits of an 8-token prompt (or the pp prompt
-if shorter; with numba's cache warm: run the bench twice after a fresh install).
+an n_prompt-token prompt, tok/s), tg (greedy generation of n_gen tokens from an empty context, tok/s; see
+below), medians over the repetitions; the first run of each side is a warm-up. The parent reads each child's
+peak RSS from the kernel (os.wait4's rusage, the RUSAGE_CHILDREN accounting of that one child) and its time to
+first token: from the child's start, imports and model load included, to the logits of an 8-token prompt (or
+the pp prompt if shorter; with numba's cache warm: run the bench twice after a fresh install).
 
     pyquant bench [-m FILE] [--device cpu,cuda] [-t 1,2] [-p 512] [-n 128] [-r 3] [--json OUT] [--plot PNG]
 
@@ -15,10 +15,14 @@ Devices and their peers:
   `Llama(path, n_ctx, n_threads, n_batch=512)` timing `eval`, like llama-bench.
 - cuda: pyquant's CUDA backend (it replays the decode step as a CUDA graph) against torch fp16: transformers
   loading the same GGUF (dequantized to fp16) on the GPU, pp one forward of the prompt, tg greedy steps
-  over its KV cache from the same first token, the argmax read back each step as a generation loop must.
+  over its KV cache from the same first token, the argmax read back each step.
   The decode roofline: the bytes of the matrices one decode step reads (every blk.* 2-D weight and the
   output projection, or token_embd when tied) x tg tok/s / the device bandwidth, measured in the same child
   as read + write bytes per second of a device-to-device copy.
+pyquant's tg column is greedy generation as `pyquant run --temp 0` does it: `Transformer.greedy` in chunks
+of pyquant.generate.GREEDY_CHUNK tokens. On CUDA each replayed decode step is followed by the device argmax,
+which feeds the next step its token and position, so the host waits once a chunk (the chunk's tokens copied
+back), not once a token; on the CPU backends it is forward + np.argmax a token.
 A peer that cannot run (its package missing, no CUDA device for torch, an architecture transformers cannot
 load from GGUF) gets a row that says why; the rest still runs.
 
@@ -90,10 +94,13 @@ def _measure_pyquant(spec: dict, t_start: float) -> dict:
         model.forward(prompt, 0, cache)
         return time.perf_counter() - t
 
-    def tg():
+    def tg():  # greedy generation, as generate_tokens runs it (the first call records the decode step)
+        from .generate import GREEDY_CHUNK
+
+        tok, chunk = gen[0], max(GREEDY_CHUNK, 1)
         t = time.perf_counter()
-        for i, tok in enumerate(gen):
-            model.forward(np.array([tok]), i, cache)
+        for i in range(0, spec["n_gen"], chunk):
+            tok = int(model.greedy(tok, i, cache, min(chunk, spec["n_gen"] - i))[-1])
         return time.perf_counter() - t
 
     result = _repeat(spec, pp, tg) | {

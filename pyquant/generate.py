@@ -80,11 +80,21 @@ class TextStream:
         return out
 
 
+GREEDY_CHUNK = 16  # greedy tokens chosen on the device per host round trip (0: one forward a token)
+
+
 def generate_tokens(model, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                     top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
                     cache=None, pos0: int = 0, stats: GenerationStats | None = None, stop_on_eog: bool = True):
     """Yield sampled token ids. With `cache`/`pos0`, the prompt continues an existing context (chat turns);
-    the cache then holds every token but the last yielded one (it is fed at the next call's start)."""
+    the cache then holds every token but the last yielded one (it is fed at the next call's start).
+
+    Greedy sampling (temperature 0, no repeat penalty) takes the tokens after the first GREEDY_CHUNK at a time
+    from `Transformer.greedy` (on the CUDA backend: chosen on the device, one host round trip a chunk). It
+    yields the same tokens and stops at the same point as one forward a token; a chunk's steps past the stop
+    only write cache positions after the last token fed, which nothing reads before they are written again.
+    Stats count as the per-token loop does (n_decode_steps: tokens fed back; decode_s: a chunk's time spread
+    evenly over its tokens, counted as each is taken), so a chat session's cache bookkeeping stays right."""
     sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
     stats = stats if stats is not None else GenerationStats()
     cache = cache if cache is not None else model.new_cache()
@@ -97,27 +107,37 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int = 128, tempera
         return
     history = list(prompt_ids)
     eog = model.tokenizer.eog_ids
+    chunked = sampler.greedy and GREEDY_CHUNK > 0 and hasattr(model.transformer, "greedy")
+    ahead: list[int] = []  # greedy tokens chosen and not yet taken
     t0 = time.perf_counter()
     logits = model.transformer.forward(ids, pos0, cache)
     stats.prefill_s = time.perf_counter() - t0
     pos = pos0 + len(ids)
     for i in range(max_tokens):
-        tok = sampler(logits, history)
         if i == 0:
+            tok = sampler(logits, history)
             stats.ttft_s = time.perf_counter() - t0
+        else:  # the step that feeds the last token yielded
+            t1 = time.perf_counter()
+            if chunked:
+                if not ahead:
+                    n = min(GREEDY_CHUNK, max_tokens - i)
+                    ahead = model.transformer.greedy(tok, pos, cache, n).tolist()
+                    per_token = (time.perf_counter() - t1) / len(ahead)
+                tok = ahead.pop(0)
+                stats.decode_s += per_token
+            else:
+                logits = model.transformer.forward(np.array([tok], dtype=np.int64), pos, cache)
+                tok = sampler(logits, history)
+                stats.decode_s += time.perf_counter() - t1
+            stats.n_decode_steps += 1
+            pos += 1
         if stop_on_eog and tok in eog:
             stats.stop_reason = "stop"
             return
         stats.n_generated += 1
         history.append(tok)
         yield tok
-        if i == max_tokens - 1:
-            break
-        t1 = time.perf_counter()
-        logits = model.transformer.forward(np.array([tok], dtype=np.int64), pos, cache)
-        stats.decode_s += time.perf_counter() - t1
-        stats.n_decode_steps += 1
-        pos += 1
 
 
 def add_model_arguments(p, sampling: bool = True) -> None:

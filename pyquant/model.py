@@ -108,6 +108,28 @@ class Transformer:
             return replay((self, cache, all_logits), tokens, pos0, build)
         return self._forward(tokens, pos0, cache, all_logits)
 
+    def greedy(self, tok: int, pos: int, cache, n: int) -> np.ndarray:
+        """The next n greedy tokens (np.argmax of the logits, int32) after feeding `tok` at `pos`: tok and the
+        first n - 1 chosen go into the cache at pos .. pos + n - 1, as n forward calls would put them. A
+        backend with `replay_greedy` chooses them on the device once a decode step is recorded (the first
+        call may run a forward step to record one); otherwise forward steps and np.argmax."""
+        if n <= 0:
+            return np.zeros(0, np.int32)
+        if pos + n > cache.n_ctx:
+            raise PyquantError(f"context full: {pos + n} tokens exceed n_ctx {cache.n_ctx}")
+        if not 0 <= tok < self.hp.n_vocab:
+            raise PyquantError(f"token id out of range [0, {self.hp.n_vocab})")
+        run = getattr(self.backend, "replay_greedy", None)
+        out: list[int] = []
+        while len(out) < n:
+            got = run((self, cache, False), tok, pos, n - len(out)) if run is not None else None
+            if got is not None:  # the key is forward's: the step the forward call below recorded
+                return np.concatenate([np.asarray(out, np.int32), got])
+            tok = int(np.argmax(self.forward(np.array([tok], dtype=np.int64), pos, cache)))
+            out.append(tok)
+            pos += 1
+        return np.asarray(out, np.int32)
+
     def _forward(self, tokens: np.ndarray, pos0: int, cache, all_logits: bool) -> np.ndarray:
         hp, be = self.hp, self.backend
         t = len(tokens)

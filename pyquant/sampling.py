@@ -41,6 +41,11 @@ class Sampler:
         self.p = params
         self.rng = np.random.default_rng(params.seed)
 
+    @property
+    def greedy(self) -> bool:
+        """True when a draw is np.argmax of the raw logits (no penalty): what a device argmax computes."""
+        return self.p.temperature == 0 and self.p.repeat_penalty == 1.0
+
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """CTRL-style repetition penalty on the last n tokens: positive logits divided, negative multiplied."""
         if self.p.repeat_penalty == 1.0 or not history:

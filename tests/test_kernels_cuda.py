@@ -371,12 +371,13 @@ def test_decode_attention_long_context(cache_type):
 # ---- 4. the backend in the transformer ------------------------------------------------------------------------
 
 
-def tiny_gguf(path, arch: str, seed: int = 0):
-    """A random-weight model of `arch` small enough for the simulator, with a mix of weight types."""
+def tiny_gguf(path, arch: str, seed: int = 0, n_head: int = 2):
+    """A random-weight model of `arch` small enough for the simulator, with a mix of weight types (one head:
+    half the simulator's decode attention time)."""
     from pyquant.gguf.writer import TensorSpec, write_gguf
 
     rng = np.random.default_rng(seed)
-    d, h, g, dh, ff, n_vocab, n_layer = (32, 2, 1, 32, 32, 48, 1) if SIM else (64, 2, 1, 32, 512, 48, 2)
+    d, h, g, dh, ff, n_vocab, n_layer = (32, n_head, 1, 32, 32, 48, 1) if SIM else (64, n_head, 1, 32, 512, 48, 2)
     meta = {
         "general.architecture": arch,
         f"{arch}.context_length": 64,
