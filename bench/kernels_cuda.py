@@ -1,4 +1,4 @@
-"""CUDA decode kernel variants on the real models' shapes, each checked before it is timed (one device call).
+"""CUDA kernel variants on the real models' shapes, each checked before it is timed (one device call).
 
     python bench/kernels_cuda.py [--only gemv|attend] [--reps 20] [--json OUT]
     NUMBA_ENABLE_CUDASIM=1 python bench/kernels_cuda.py --check     (tiny shapes, correctness only)
@@ -11,9 +11,12 @@ gemv (matvec.gemv1, one token), on float and on int8 activations (dp4a): the lau
   checked against the default launch's: blocks an SM (the grid; the kernel loops over rows) x S (warps a row);
   GB/s of weight bytes. Launches take turns over copies of the weights that together pass the 50 MB L2, so
   each reads HBM as a decode step does. default: matvec.gemv1_launch
-attend (one query token over an f16 cache, at several context lengths), both checked against float64:
-  attention.attend    the prefill kernel: a block a (head, token), a thread a key over Dk
-  attention.attend1   decode (used for one token): keys split over blocks, merged by the last to finish
+attend (prefill: 512 query tokens from position 0; f16 and quantized caches; gemma also with its 512 window),
+  each result checked against float64:
+  old                 the prefill kernel attention.attend replaced (here only): a block a (head, token), a
+                      thread a key for the scores, then a thread a value dim
+  attention.attend    tiled: a block per 32 (token, query head) rows of one KV head (default heads <= 128), key
+                      tiles staged in shared memory, an online softmax per row; its tile shapes swept
 """
 
 from __future__ import annotations
@@ -50,7 +53,16 @@ GEMV_CASES = [  # name, type, rows, K, gated (two weights of this shape and the 
     ("gemma output", "q8_0", 262144, 640, False),
 ]
 GEMV_SIM = [("tiny gated", "q5_0", 40, 256, True), ("tiny q6_k", "q6_k", 9, 512, False)]
-ATTEND_CASES = [("qwen", 14, 2, 64), ("gemma", 4, 1, 256)]  # name, heads, kv heads, head size
+# name, heads, kv heads, head size, cache types, windows (gemma3-270M's sliding layers: 512), tile shapes swept
+# (attention.attend_config overrides; on the first cache type and window only)
+ATTEND_CASES = [
+    ("qwen", 14, 2, 64, ("f16", "q8_0", "q4_0"), (0,),
+     [dict(rows=4), dict(warps=8, rows=4), dict(bk=32), dict(warps=2), dict(rows=4, bk=128)]),
+    ("gemma", 4, 1, 256, ("f16", "q8_0"), (0, 512),
+     [dict(warps=4), dict(rows=8), dict(warps=1, rows=8), dict(warps=4, rows=2), dict(bk=64, chunks=(128, 128))]),
+]
+ATTEND_SIM = [("tiny", 4, 2, 64, ("f16", "q4_0"), (0, 4), [dict(warps=2, rows=4, bk=32)]),
+              ("tiny256", 4, 1, 256, ("q8_0",), (0,), [dict(warps=1, rows=4)])]
 
 
 class RandomWeight:
@@ -117,7 +129,7 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
                         cuda.synchronize()
                         ref = ys[-1].buf.copy_to_host()
                     err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
-                    us = time_items(be, launch, max(1, reps // len(launch)))
+                    us = time_items(be, launch, max(1, reps // len(launch))) / len(launch)
                     gbs = nbytes / us / 1e3
                     rows.append({"blocks_per_sm": bps, "split": sp, "grid": grid, "block": block, "us": round(us, 2),
                                  "GB/s": round(gbs, 1), "max_rel_err": err,
@@ -140,6 +152,8 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
 
 
 def _regs(kern):
+    if SIM:
+        return "n/a"
     try:
         r = kern.get_regs_per_thread()
         return max(r.values()) if isinstance(r, dict) else r
@@ -147,50 +161,204 @@ def _regs(kern):
         return str(e)[:40]
 
 
-# ---- decode attention: the prefill kernel on one token vs attend1 ---------------------------------------
+# ---- prefill attention: the tiled kernel (its tile shapes swept) vs the old block-per-(head, token) one ---------
 
 
-def bench_attend(be, cases, ctxs, reps: int) -> list[dict]:
+def _make_rowwise_attend(kind):
+    """The prefill kernel attention.attend replaced (kept here as the comparison): a block of THREADS threads per
+    (query head, token), a thread per key for the scores in chunks of THREADS keys, an online softmax, then a
+    thread per value dim accumulates p * V; grid (H, T)."""
+    from numba import float32
+
+    from kernels_cuda.jit import block_max, block_sum, kernel
+    from kernels_cuda.ops import POS0
+
+    load = att.LOADERS[kind]
+    threads = att.THREADS
+
+    @kernel
+    def attend(out, q, kc, ks, vc, vs, params, scale, window, H, G, Dk, Dv):
+        red = cuda.shared.array(32, float32)
+        sq = cuda.shared.array(att.MAX_HEAD_DIM, float32)
+        sp = cuda.shared.array(threads, float32)
+        h = cuda.blockIdx.x
+        t = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        g = h // (H // G)
+        qpos = params[POS0] + t
+        start = qpos - window + 1 if window > 0 and qpos - window + 1 > 0 else 0
+        for i in range(tid, Dk, threads):
+            sq[i] = q[(t * H + h) * Dk + i] * scale
+        cuda.syncthreads()
+        m = float32(-math.inf)
+        lsum = float32(0.0)
+        acc0 = float32(0.0)
+        acc1 = float32(0.0)
+        for s0 in range(start, qpos + 1, threads):
+            s = s0 + tid
+            score = float32(-math.inf)
+            if s <= qpos:
+                base = (s * G + g) * Dk
+                score = float32(0.0)
+                for i in range(0, Dk, 8):
+                    score += (sq[i] * load(kc, ks, base + i) + sq[i + 1] * load(kc, ks, base + i + 1)
+                              + sq[i + 2] * load(kc, ks, base + i + 2) + sq[i + 3] * load(kc, ks, base + i + 3)
+                              + sq[i + 4] * load(kc, ks, base + i + 4) + sq[i + 5] * load(kc, ks, base + i + 5)
+                              + sq[i + 6] * load(kc, ks, base + i + 6) + sq[i + 7] * load(kc, ks, base + i + 7))
+            m_new = max(m, block_max(red, score))
+            p = math.exp(score - m_new) if s <= qpos else float32(0.0)
+            sp[tid] = p
+            corr = math.exp(m - m_new)
+            lsum = lsum * corr + block_sum(red, p)
+            m = m_new
+            n = min(threads, qpos + 1 - s0)
+            acc0 *= corr
+            acc1 *= corr
+            stride = G * Dv
+            for half in range(2):
+                dim = tid + half * threads
+                if dim < Dv:
+                    a = float32(0.0)
+                    base = (s0 * G + g) * Dv + dim
+                    j = 0
+                    while j + 4 <= n:
+                        v0 = load(vc, vs, base)
+                        v1 = load(vc, vs, base + stride)
+                        v2 = load(vc, vs, base + 2 * stride)
+                        v3 = load(vc, vs, base + 3 * stride)
+                        a += sp[j] * v0 + sp[j + 1] * v1 + sp[j + 2] * v2 + sp[j + 3] * v3
+                        base += 4 * stride
+                        j += 4
+                    while j < n:
+                        a += sp[j] * load(vc, vs, base)
+                        base += stride
+                        j += 1
+                    if half == 0:
+                        acc0 += a
+                    else:
+                        acc1 += a
+            cuda.syncthreads()
+        o = (t * H + h) * Dv
+        if tid < Dv:
+            out[o + tid] = acc0 / lsum
+        if tid + threads < Dv:
+            out[o + tid + threads] = acc1 / lsum
+
+    return attend
+
+
+_ROWWISE: dict = {}
+
+
+def rowwise_attend_kernel(kind):
+    if kind not in _ROWWISE:
+        _ROWWISE[kind] = _make_rowwise_attend(kind)
+    return _ROWWISE[kind]
+
+
+def random_cache(kind, n_values, rng):
+    """(codes, scales) device arrays of n_values of cache type `kind` with random contents, and their values as
+    float64 (what the kernels decode)."""
+    c, s = att.cache_arrays(kind, n_values)
+    if kind in (att.F32, att.F16):
+        x = rng.standard_normal(n_values).astype(np.float16 if kind == att.F16 else np.float32)
+        c.copy_to_device(x)
+        return c, s, x.astype(np.float64)
+    d = rng.uniform(0.005, 0.02, n_values // 32).astype(np.float32)
+    if kind == att.Q8_0:
+        q = rng.integers(-127, 128, n_values, dtype=np.int8)
+        vals = q.astype(np.float64)
+    else:
+        q = rng.integers(0, 256, n_values // 2, dtype=np.uint8)
+        b = q.reshape(-1, 16).astype(np.int64)
+        vals = (np.concatenate([b & 15, b >> 4], axis=1) - 8).ravel().astype(np.float64)
+    c.copy_to_device(q)
+    s.copy_to_device(d)
+    return c, s, vals * np.repeat(d.astype(np.float64), 32)
+
+
+def attention_f64(q, kk, vv, pos0, scale, window):
+    """softmax(scale q K^T, causal from pos0, window) V in float64; q (T, H, Dk), kk / vv (n, G, D)."""
+    t, h, _ = q.shape
+    g = kk.shape[1]
+    n = pos0 + t
+    qp = pos0 + np.arange(t)[:, None]
+    kp = np.arange(n)[None, :]
+    vis = (kp <= qp) & ((qp - kp < window) if window > 0 else True)
+    out = np.empty((t, h, vv.shape[2]))
+    for hh in range(h):
+        sc = (q[:, hh].astype(np.float64) * float(scale)) @ kk[:n, hh // (h // g)].T
+        sc = np.where(vis, sc, -np.inf)
+        p = np.exp(sc - sc.max(axis=1, keepdims=True))
+        out[:, hh] = p @ vv[:n, hh // (h // g)] / p.sum(axis=1, keepdims=True)
+    return out
+
+
+def bench_attend(be, cases, tokens: int, pos0: int, reps: int) -> list[dict]:
+    """Prefill attention of `tokens` queries at positions pos0.. (every earlier cache row visible): the old
+    kernel and the tiled attention.attend at its default tile and the sweep's, each checked against float64."""
     rng = np.random.default_rng(1)
-    kind = att.CACHE_TYPES["f16"]
     out = []
-    for name, h, g, dh in cases:
-        n_ctx = max(ctxs) + 1
-        cache = be.new_cache(1, n_ctx, g, dh, dh)
-        (kc, ks), (vc, vs) = cache.k[0], cache.v[0]
-        kv = rng.standard_normal((2, n_ctx * g * dh)).astype(np.float16)
-        kc.copy_to_device(kv[0])
-        vc.copy_to_device(kv[1])
-        qh = rng.standard_normal(h * dh).astype(np.float32)
-        q = cuda.to_device(qh)
+    pd = be.queue.params_dev
+    for name, h, g, dh, cache_types, windows, sweep in cases:
+        n = pos0 + tokens
         scale = np.float32(1 / math.sqrt(dh))
-        scratch = att.attend1_scratch(h, dh)
-        y1, y2 = cuda.device_array(h * dh, np.float32), cuda.device_array(h * dh, np.float32)
-        pd = be.queue.params_dev
-        for ctx in ctxs:
-            be.queue.params_host[0] = ctx - 1  # the query at position ctx - 1 sees ctx keys
-            pd.copy_to_device(be.queue.params_host)
-            cuda.synchronize()  # the copies above went out on the default stream, the kernels go on the queue's
-            common = (q, kc, ks, vc, vs, pd, scale, 0, h, g, dh, dh)
-            i1 = (att.attend_kernel(kind), (h, 1), att.THREADS, (y1, *common))
-            i2 = (att.attend1_kernel(kind, dh, dh), (h, att.SPLITS), att.THREADS, (y2, *common[:-2], *scratch))
-            be.queue.run_eager([i1, i2])
-            cuda.synchronize()  # the reads below go on the default stream, which does not wait for the queue's
-            got1, got2 = y1.copy_to_host(), y2.copy_to_host()
-            kk = kv[0].astype(np.float64).reshape(n_ctx, g, dh)[:ctx]
-            vv = kv[1].astype(np.float64).reshape(n_ctx, g, dh)[:ctx]
-            want = np.empty((h, dh))
-            for hh in range(h):
-                sc = kk[:, hh // (h // g)] @ (qh[hh * dh : (hh + 1) * dh].astype(np.float64) * float(scale))
-                p = np.exp(sc - sc.max())
-                want[hh] = p @ vv[:, hh // (h // g)] / p.sum()
-            errs = [float(np.abs(y.reshape(h, dh) - want).max() / np.abs(want).max()) for y in (got1, got2)]
-            if max(errs) > 1e-4:
-                raise AssertionError(f"attend {name} ctx {ctx}: max rel err {errs}")
-            t1, t2 = time_items(be, [i1], reps), time_items(be, [i2], reps)
-            print(f"attend {name:6} ctx {ctx:5}: attend {t1:7.1f} us, attend1 {t2:7.1f} us; errors "
-                  f"{errs[0]:.1e} {errs[1]:.1e}", flush=True)
-            out.append({"model": name, "ctx": ctx, "attend_us": t1, "attend1_us": t2, "errors": errs})
+        q = rng.standard_normal((tokens, h, dh)).astype(np.float32)
+        qd = cuda.to_device(q.ravel())
+        y = cuda.device_array(tokens * h * dh, np.float32)
+        be.queue.params_host[0] = pos0
+        pd.copy_to_device(be.queue.params_host)
+        cuda.synchronize()  # the copies above went out on the default stream, the kernels go on the queue's
+        for ct in cache_types:
+            kind = att.CACHE_TYPES[ct]
+            kc, ks, kk = random_cache(kind, n * g * dh, rng)
+            vc, vs, vv = random_cache(kind, n * g * dh, rng)
+            kk, vv = kk.reshape(n, g, dh), vv.reshape(n, g, dh)
+            cuda.synchronize()
+            for window in windows:
+                want = attention_f64(q, kk, vv, pos0, scale, window)
+
+                def run(item):
+                    be.queue.run_eager([item])
+                    cuda.synchronize()  # the read goes on the default stream, which does not wait for the queue's
+                    got = y.copy_to_host().reshape(want.shape)
+                    return float(np.abs(got - want).max() / np.abs(want).max())
+
+                common = (y, qd, kc, ks, vc, vs, pd, scale, window, h, g)
+                old = (rowwise_attend_kernel(kind), (h, tokens), att.THREADS, common + (dh, dh))
+                err_old = run(old)
+                t_old = time_items(be, [old], reps)
+                rows = []
+                dflt = att.attend_config(dh, dh)
+                for over in [{}] + (sweep if ct == cache_types[0] and window == windows[0] else []):
+                    cfg = att.attend_config(dh, dh, **over)
+                    if over and cfg == dflt:
+                        continue
+                    kern = att.attend_kernel(kind, dh, dh, cfg)
+                    item = (kern, *att.attend_grid(h, g, tokens, dh, dh, cfg), common + (tokens,))
+                    err = run(item)
+                    us = time_items(be, [item], reps)
+                    rows.append({"config": cfg._asdict(), "default": not over, "us": us, "max_rel_err": err,
+                                 "registers": _regs(kern), "smem_bytes": 4 * cfg.smem_floats(dh)})
+                    if err > 1e-4:
+                        print(f"attend {name} {ct} window {window} {cfg}: max rel err {err:.2e}", flush=True)
+                if err_old > 1e-4 or rows[0]["max_rel_err"] > 1e-4:
+                    raise AssertionError(f"attend {name} {ct} window {window}: max rel err old {err_old:.2e}, "
+                                         f"tiled {rows[0]['max_rel_err']:.2e}")
+                ok = [r for r in rows if r["max_rel_err"] <= 1e-4]
+                best = min(ok, key=lambda r: r["us"] if not math.isnan(r["us"]) else 0)
+                d = rows[0]
+                c = best["config"]
+                print(f"attend {name:6} {ct:5} T {tokens} window {window:4}: old {t_old:8.1f} us, tiled {d['us']:7.1f} "
+                      f"us (registers {d['registers']}, {d['smem_bytes']} B shared), best {best['us']:7.1f} us at "
+                      f"{c['warps']} warps x {c['rows']} rows, {c['bk']}-key tiles; errors {err_old:.1e} "
+                      f"{d['max_rel_err']:.1e}", flush=True)
+                for r in rows[1:]:
+                    c = r["config"]
+                    print(f"    {c['warps']} warps x {c['rows']} rows, bk {c['bk']}, chunks {c['dkc']}/{c['dvc']}: "
+                          f"{r['us']:7.1f} us, registers {r['registers']}", flush=True)
+                out.append({"model": name, "cache": ct, "tokens": tokens, "pos0": pos0, "window": window,
+                            "old_us": t_old, "old_err": err_old, "tiled": rows})
     return out
 
 
@@ -208,8 +376,8 @@ def main() -> int:
     if args.only in (None, "gemv"):
         res["gemv"] = bench_gemv(be, GEMV_SIM if small else GEMV_CASES, args.reps)
     if args.only in (None, "attend"):
-        cases = [("tiny", 2, 1, 64), ("tiny256", 1, 1, 256)] if small else ATTEND_CASES
-        res["attend"] = bench_attend(be, cases, [1, 5, 300] if small else [16, 64, 128, 512, 2048, 4096], args.reps)
+        res["attend"] = bench_attend(be, ATTEND_SIM if small else ATTEND_CASES, 9 if small else 512,
+                                     3 if small else 0, args.reps)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

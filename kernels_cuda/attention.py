@@ -11,8 +11,17 @@ as float16).
 `rope_store`: one launch before attention: RoPE on q, RoPE on k and k's rows into the cache, v's rows into the
 cache (RoPE left to the backend's pending op until here, so q and k are not written and read back first).
 
-`attend`: a block per (query head, token), 128 threads; keys in chunks of 128, a thread per key for the
-scores, an online softmax (running max and sum), then a thread per output dim accumulates p * V (prefill).
+`attend` (prefill, T > 1): tiled, flash-attention style in float32. The rows (token, query head) of one KV head
+are taken token-major, so a block's rows share its K/V tiles (GQA) whatever the heads a KV head; a block takes
+`block_rows` of them (default 32 = 4 warps x 8 rows for heads up to 128, 8 = 2 x 4 for wider heads: few query
+heads, so smaller tiles keep the grid near two blocks an SM), tiles with the most keys dispatched first. Per key
+tile (64 keys / 32 for wide heads, from the first row's window start to the last row's position: tiles no row
+sees are never visited) the block stages K and V decoded to float32 in shared memory (together when both fit in
+48 KB, else in dim chunks through one buffer); a warp scores its rows against keys lane, lane + 32, .. (Q is
+staged once, read as broadcasts; K rows padded a word: conflict-free), keeps a running max and sum per row
+(shuffles within the warp, no block barrier), writes P for its rows and accumulates p * V over value dims
+lane, lane + 32, .. (each lane owns rows x dims / 32 accumulators in registers). The tile shape is fixed at
+compile time per (cache type, dk, dv): `attend_config`, `attend_grid`.
 
 `attend1` (decode, one token): a head's keys split over SPLITS blocks (the grid must not depend on the
 position: the step is replayed as a graph), each block in chunks of CHUNK keys: a warp takes KB keys at once
@@ -24,11 +33,12 @@ leaves (max, sum, acc) in scratch; the last block of a head to finish (an atomic
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32
 
-from .jit import SIM, block_max, block_sum, device, kernel, warp_sum
+from .jit import SIM, block_max, block_sum, ceil_div, device, kernel, warp_max, warp_sum
 from .launch import upload
 from .ops import POS0, rope_val
 
@@ -50,22 +60,29 @@ def cache_arrays(kind: int, n_values: int):
     return codes, cuda.device_array(n_values // 32, np.float32)
 
 
+# The loaders index with unsigned 64-bit integers: Numba guards a signed index against wraparound (a shift, an and
+# and an add an access) and divides signed integers with a sign fixup; cache indices are never negative.
+U64, U32 = np.uint64, np.uint32
+
+
 @device
 def load_f(c, s, i):
     """Value i of an f32 / f16 cache array."""
-    return float32(c[i])
+    return float32(c[U64(i)])
 
 
 @device
 def load_q8_0(c, s, i):
-    return s[i // 32] * float32(c[i])
+    i = U64(i)
+    return s[i // U64(32)] * float32(c[i])
 
 
 @device
 def load_q4_0(c, s, i):
-    b = i // 32
-    j = i % 32
-    return s[b] * float32(np.int32((c[16 * b + j % 16] >> (4 * (j // 16))) & 15) - 8)
+    i = U64(i)
+    b = i // U64(32)
+    j = i % U64(32)
+    return s[b] * float32(np.int32((c[U64(16) * b + j % U64(16)] >> (U64(4) * (j // U64(16)))) & U64(15)) - 8)
 
 
 LOADERS = {F32: load_f, F16: load_f, Q8_0: load_q8_0, Q4_0: load_q4_0}
@@ -166,83 +183,277 @@ def _store32_fn(kind):
     return store32
 
 
-def attend_kernel(kind: int):
-    if kind not in _ATTEND:
-        _ATTEND[kind] = _make_attend(kind)
-    return _ATTEND[kind]
+SMEM_FLOATS = 12288  # 48 KB of static shared memory a block, in floats
+STAGE_BATCH = 16  # cache values a thread loads before storing them to shared memory
 
 
-def _make_attend(kind):
+class AttendConfig(NamedTuple):
+    """Tile shape of the prefill kernel (compile time). A block is `warps` warps, each owning `rows` query
+    rows; a key tile is `bk` keys (bk / 32 a lane). K is staged `dkc` dims at a time and V `dvc` dims at a
+    time; `together`: the whole K and V tiles fit at once (one staging phase a tile, P then reuses K's space),
+    else K chunks and then V chunks go through one buffer, each chunk a phase."""
+
+    warps: int
+    rows: int
+    bk: int
+    dkc: int
+    dvc: int
+    together: bool
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def block_rows(self) -> int:
+        return self.warps * self.rows
+
+    def smem_floats(self, dk: int) -> int:
+        br = self.block_rows
+        if self.together:
+            return br * dk + max(self.bk * (dk + 1), br * self.bk) + self.bk * self.dvc
+        return br * dk + max(self.bk * (self.dkc + 1), self.bk * self.dvc) + br * self.bk
+
+
+def attend_config(dk: int, dv: int, warps: int | None = None, rows: int | None = None, bk: int | None = None,
+                  chunks: tuple[int, int] | None = None) -> AttendConfig:
+    """The tile shape for heads of dk / dv (each a multiple of 32, at most MAX_HEAD_DIM); the arguments given
+    override the defaults (the bench sweeps them; `chunks` = (dkc, dvc) forces the chunked staging). Defaults:
+    heads up to 128 wide take 4 warps x 8 rows and 64-key tiles (a lane's micro-tiles: 8 rows x 2 keys, 8 rows
+    x 2 dims: 10 shared loads for 16 FMAs); wider heads take 2 warps x 4 rows (few query heads: keep the grid
+    large) and 32-key tiles."""
+    small = max(dk, dv) <= 128
+    warps = warps or (4 if small else 2)
+    rows = rows or (8 if small else 4)
+    bk = bk or (64 if small else 32)
+    if dk % 32 or dv % 32 or max(dk, dv) > MAX_HEAD_DIM or bk % 32 or bk > 256:
+        raise ValueError(f"attend: heads {dk}/{dv}, key tile {bk}")
+    cfg = AttendConfig(warps, rows, bk, dk, dv, True)
+    if chunks:
+        cfg = AttendConfig(warps, rows, bk, *chunks, False)
+        if dk % cfg.dkc or dv % cfg.dvc or cfg.dkc % 32 or cfg.dvc % 32 or cfg.smem_floats(dk) > SMEM_FLOATS:
+            raise ValueError(f"attend: chunks {chunks} of heads {dk}/{dv}")
+        return cfg
+    if cfg.smem_floats(dk) <= SMEM_FLOATS:
+        return cfg
+    # chunked: the largest chunks (dims dividing the head, multiples of 32) whose stage fits beside Q and P
+    room = SMEM_FLOATS - warps * rows * (dk + bk)
+    dkc = max((c for c in range(32, dk + 1, 32) if dk % c == 0 and bk * (c + 1) <= room), default=0)
+    dvc = max((c for c in range(32, dv + 1, 32) if dv % c == 0 and bk * c <= room), default=0)
+    if not dkc or not dvc:
+        raise ValueError(f"attend: no tiling of heads {dk}/{dv} in {warps} x {rows} rows, {bk}-key tiles")
+    return AttendConfig(warps, rows, bk, dkc, dvc, False)
+
+
+def attend_grid(n_head: int, n_head_kv: int, t: int, dk: int, dv: int, cfg: AttendConfig | None = None):
+    """(grid, threads) of attend_kernel(kind, dk, dv) for t query tokens: a block per `block_rows` rows of
+    one KV head's (token, query head) rows, by KV head."""
+    cfg = cfg or attend_config(dk, dv)
+    return (n_head_kv, ceil_div(t * (n_head // n_head_kv), cfg.block_rows)), cfg.threads
+
+
+def attend_kernel(kind: int, dk: int, dv: int, cfg: AttendConfig | None = None):
+    cfg = cfg or attend_config(dk, dv)
+    key = (kind, dk, dv, cfg)
+    if key not in _ATTEND:
+        _ATTEND[key] = _make_attend(kind, dk, dv, cfg)
+    return _ATTEND[key]
+
+
+@device
+def _row(r, hg, H, g):
+    """Row (token, query head) of q / out for row r of KV head g's rows (token-major, hg query heads a KV
+    head); 32-bit division (a 64-bit one is a long emulated sequence)."""
+    t = U32(r) // U32(hg)
+    return np.int64(t) * H + g * hg + np.int64(U32(r) - t * U32(hg))
+
+
+if SIM:
+
+    @device
+    def _syncwarp():
+        cuda.syncthreads()  # the simulator has no syncwarp; every thread reaches this point
+
+else:
+
+    @device
+    def _syncwarp():
+        cuda.syncwarp()
+
+
+def _make_attend(kind, dk, dv, cfg):
     load = LOADERS[kind]
+    nt, rq, bk = cfg.threads, cfg.rows, cfg.bk
+    br = cfg.block_rows
+    rk = bk // 32  # keys a lane scores
+    ndv = dv // 32  # value dims a lane accumulates (over all V chunks)
+    dkc, dvc, together = cfg.dkc, cfg.dvc, cfg.together
+    nkc, nvc = dk // dkc, dv // dvc
+    rdc = dvc // 32  # value dims a lane takes in one V chunk
+    ks_ = dkc + 1  # K rows padded one word: lanes reading key rows lane, lane + 32, .. at one dim hit 32 banks
+    n_sq = br * dk
+    n_buf = max(bk * ks_, br * bk, bk * dvc) if together else max(bk * ks_, bk * dvc)
+    n_sv = bk * dvc if together else 1
+    n_sp = 1 if together else br * bk
+    k_per = bk * dkc // nt  # staging: values a thread loads per K / V chunk
+    v_per = bk * dvc // nt
+    pair = 2 if kind in (Q8_0, Q4_0) else 1  # values a staging thread takes at once
+    n_acc, n_sc = rq * ndv, rq * rk  # local array sizes must be constants, not expressions
+    # dims (scores) / keys (P.V) a loop step, about 64 FMAs a step: fewer steps pay the address and loop
+    # arithmetic less often; larger bodies were left rolled by LLVM (the accumulators then go to local memory)
+    us = min(8, max(1, 64 // (rq * rk)))
+    uv = min(4, max(1, 64 // (rq * rdc)))
+    us, uv = 1 << (us.bit_length() - 1), 1 << (uv.bit_length() - 1)  # powers of two: they divide 32
+
+    @device
+    def stage(buf, stride, c, s, key0, kend, G, g, D, dc0, DC, per):
+        """buf[r * stride + d] = value dc0 + d of cache row key0 + r (d < DC, r < bk), zero past kend (rows never
+        written: garbage times p = 0 could still be NaN). Consecutive threads take consecutive dims of a row
+        (coalesced); a thread's loads go out STAGE_BATCH at a time before its stores (registers, not the latency
+        of one load after another). q4_0: a thread takes values d and d + 16 of a block, the two nibbles of one
+        byte (one byte and one scale load for both once LLVM merges the loaders' identical loads)."""
+        tid = cuda.threadIdx.x
+        nb = min(per // pair, STAGE_BATCH // pair)  # pairs
+        for b0 in range(0, per // pair, nb):
+            vals = cuda.local.array(STAGE_BATCH, float32)
+            vals2 = cuda.local.array(STAGE_BATCH, float32)
+            for it in range(nb):
+                e = U64((b0 + it) * nt + tid)
+                kr = e // U64(DC // pair)
+                d = e % U64(DC // pair)
+                if pair == 2:
+                    d = (d // U64(16)) * U64(32) + d % U64(16)
+                key = key0 + np.int64(kr)
+                i = (min(key, kend) * G + g) * D + dc0 + np.int64(d)  # a row that exists: loads need no branch
+                v0 = load(c, s, i)
+                vals[it] = v0 if key <= kend else float32(0.0)
+                if pair == 2:
+                    v1 = load(c, s, i + 16)
+                    vals2[it] = v1 if key <= kend else float32(0.0)
+            for it in range(nb):
+                e = U64((b0 + it) * nt + tid)
+                kr = e // U64(DC // pair)
+                d = e % U64(DC // pair)
+                if pair == 2:
+                    d = (d // U64(16)) * U64(32) + d % U64(16)
+                buf[kr * U64(stride) + d] = vals[it]
+                if pair == 2:
+                    buf[kr * U64(stride) + d + U64(16)] = vals2[it]
 
     @kernel
-    def attend(out, q, kc, ks, vc, vs, params, scale, window, H, G, Dk, Dv):
-        """out (T, H, Dv) = softmax(scale * q K^T, causal, window) V for q (T, H, Dk); grid (H, T)."""
-        red = cuda.shared.array(32, float32)
-        sq = cuda.shared.array(MAX_HEAD_DIM, float32)
-        sp = cuda.shared.array(THREADS, float32)
-        h = cuda.blockIdx.x
-        t = cuda.blockIdx.y
+    def attend(out, q, kc, ks, vc, vs, params, scale, window, H, G, T):
+        """out (T, H, dv) = softmax(scale * q K^T, causal, window) V for q (T, H, dk) at positions params[POS0]..;
+        grid attend_grid(H, G, T, dk, dv). The rows (token, query head) of KV head g, token-major, in tiles of
+        br: a warp owns rq rows; per key tile the lanes score 32 keys apart (rk each) against Q staged in
+        shared memory, an online softmax per row within the warp, then the lanes accumulate p * V over their
+        value dims (ndv each)."""
+        sq = cuda.shared.array(n_sq, float32)
+        sbuf = cuda.shared.array(n_buf, float32)
+        sv = cuda.shared.array(n_sv, float32)
+        sp0 = cuda.shared.array(n_sp, float32)
+        sp = sbuf if together else sp0  # P over K's stage once the scores are done (a barrier between)
         tid = cuda.threadIdx.x
-        g = h // (H // G)
-        qpos = params[POS0] + t
-        start = qpos - window + 1 if window > 0 and qpos - window + 1 > 0 else 0
-        for i in range(tid, Dk, THREADS):
-            sq[i] = q[(t * H + h) * Dk + i] * scale
-        cuda.syncthreads()
-        m = float32(-math.inf)
-        lsum = float32(0.0)
-        acc0 = float32(0.0)
-        acc1 = float32(0.0)
-        for s0 in range(start, qpos + 1, THREADS):
-            s = s0 + tid
-            score = float32(-math.inf)
-            if s <= qpos:
-                base = (s * G + g) * Dk
-                score = float32(0.0)
-                for i in range(0, Dk, 8):  # eight loads out together (Dk is a multiple of 32)
-                    score += (sq[i] * load(kc, ks, base + i) + sq[i + 1] * load(kc, ks, base + i + 1)
-                              + sq[i + 2] * load(kc, ks, base + i + 2) + sq[i + 3] * load(kc, ks, base + i + 3)
-                              + sq[i + 4] * load(kc, ks, base + i + 4) + sq[i + 5] * load(kc, ks, base + i + 5)
-                              + sq[i + 6] * load(kc, ks, base + i + 6) + sq[i + 7] * load(kc, ks, base + i + 7))
-            m_new = max(m, block_max(red, score))
-            p = math.exp(score - m_new) if s <= qpos else float32(0.0)
-            sp[tid] = p
-            corr = math.exp(m - m_new)
-            lsum = lsum * corr + block_sum(red, p)
-            m = m_new
-            n = min(THREADS, qpos + 1 - s0)
-            acc0 *= corr
-            acc1 *= corr
-            stride = G * Dv
-            for half in range(2):  # dims tid and tid + THREADS; four keys per step, loads issued together
-                dim = tid + half * THREADS
-                if dim < Dv:
-                    a = float32(0.0)
-                    base = (s0 * G + g) * Dv + dim
-                    j = 0
-                    while j + 4 <= n:
-                        v0 = load(vc, vs, base)
-                        v1 = load(vc, vs, base + stride)
-                        v2 = load(vc, vs, base + 2 * stride)
-                        v3 = load(vc, vs, base + 3 * stride)
-                        a += sp[j] * v0 + sp[j + 1] * v1 + sp[j + 2] * v2 + sp[j + 3] * v3
-                        base += 4 * stride
-                        j += 4
-                    while j < n:
-                        a += sp[j] * load(vc, vs, base)
-                        base += stride
-                        j += 1
-                    if half == 0:
-                        acc0 += a
-                    else:
-                        acc1 += a
-            cuda.syncthreads()
-        o = (t * H + h) * Dv
-        if tid < Dv:
-            out[o + tid] = acc0 / lsum
-        if tid + THREADS < Dv:
-            out[o + tid + THREADS] = acc1 / lsum
+        lane = tid % 32
+        warp = tid // 32
+        g = cuda.blockIdx.x  # KV head fastest: both heads' heaviest tiles are dispatched first
+        hg = U32(H // G)
+        n_rows = T * hg
+        tile = cuda.gridDim.y - 1 - cuda.blockIdx.y  # the tiles with the most keys first (the tail is short)
+        r0 = tile * br
+        pos0 = params[POS0]
+        # stage q * scale; rows past the last are zero (computed, never stored)
+        for e in range(tid, n_sq, nt):
+            r = r0 + e // dk
+            sq[e] = q[_row(r, hg, H, g) * dk + e % dk] * scale if r < n_rows else float32(0.0)
+        qpos = cuda.local.array(rq, np.int32)
+        m = cuda.local.array(rq, float32)
+        lsum = cuda.local.array(rq, float32)
+        acc = cuda.local.array(n_acc, float32)
+        wr0 = r0 + warp * rq
+        for i in range(rq):
+            qpos[i] = pos0 + np.int64(U32(min(wr0 + i, n_rows - 1)) // hg)
+            m[i] = -math.inf
+            lsum[i] = 0.0
+            for j in range(ndv):
+                acc[i * ndv + j] = 0.0
+        kend = pos0 + np.int64(U32(min(r0 + br, n_rows) - 1) // hg)  # the block's last visible key
+        qfirst = pos0 + np.int64(U32(r0) // hg)
+        kbeg = qfirst - window + 1 if window > 0 and qfirst - window + 1 > 0 else 0
+        wend = qpos[rq - 1]  # this warp's last visible key
+        sc = cuda.local.array(n_sc, float32)
+        for k0 in range(kbeg, kend + 1, bk):
+            for i in range(rq * rk):
+                sc[i] = 0.0
+            for kci in range(nkc):
+                if together:
+                    stage(sbuf, ks_, kc, ks, k0, kend, G, g, dk, 0, dk, k_per)
+                    stage(sv, dvc, vc, vs, k0, kend, G, g, dv, 0, dv, v_per)
+                else:
+                    stage(sbuf, ks_, kc, ks, k0, kend, G, g, dk, kci * dkc, dkc, k_per)
+                cuda.syncthreads()
+                for d0 in range(0, dkc, us):  # us dims a step: constant offsets from one address
+                    for u in range(us):
+                        d = U64(d0) + U64(u)
+                        kv = cuda.local.array(8, float32)
+                        for j in range(rk):
+                            kv[j] = sbuf[U64((lane + 32 * j) * ks_) + d]
+                        for i in range(rq):
+                            qv = sq[U64((warp * rq + i) * dk + kci * dkc) + d]  # one word for the whole warp
+                            for j in range(rk):
+                                sc[i * rk + j] += qv * kv[j]
+                cuda.syncthreads()  # every warp reads K's stage: all done before it is overwritten
+            # online softmax, a row at a time across the warp's lanes
+            for i in range(rq):
+                qp = qpos[i]
+                mx = float32(-math.inf)
+                for j in range(rk):
+                    key = k0 + lane + 32 * j
+                    vis = key <= qp and (window <= 0 or qp - key < window)
+                    v = sc[i * rk + j] if vis else float32(-math.inf)
+                    sc[i * rk + j] = v
+                    mx = max(mx, v)
+                m_new = max(m[i], warp_max(mx))
+                mu = m_new if m_new != -math.inf else float32(0.0)  # nothing visible yet: p = 0, no NaN
+                corr = math.exp(m[i] - mu)
+                m[i] = m_new
+                ps = float32(0.0)
+                for j in range(rk):
+                    p = math.exp(sc[i * rk + j] - mu)
+                    sc[i * rk + j] = p
+                    ps += p
+                lsum[i] = lsum[i] * corr + ps  # a lane's share; summed over the warp at the end
+                for j in range(ndv):
+                    acc[i * ndv + j] *= corr
+            for i in range(rq):
+                for j in range(rk):
+                    sp[U64((warp * rq + i) * bk + lane + 32 * j)] = sc[i * rk + j]
+            _syncwarp()  # P of a row is read by all lanes of its warp
+            # keys this warp's rows can see in the tile, up to a multiple of uv (p = 0 past them, and those V rows
+            # are staged: real or zero)
+            kn = min(bk, (wend + uv - k0) // uv * uv)
+            for vci in range(nvc):
+                if not together:
+                    stage(sbuf, dvc, vc, vs, k0, kend, G, g, dv, vci * dvc, dvc, v_per)
+                    cuda.syncthreads()
+                vb = sv if together else sbuf
+                for k1 in range(0, kn, uv):
+                    for u in range(uv):
+                        kk = U64(k1) + U64(u)
+                        vv = cuda.local.array(8, float32)
+                        for jd in range(rdc):
+                            vv[jd] = vb[kk * U64(dvc) + U64(lane + 32 * jd)]
+                        for i in range(rq):
+                            pv = sp[U64((warp * rq + i) * bk) + kk]  # one word for the whole warp
+                            for jd in range(rdc):
+                                acc[i * ndv + vci * rdc + jd] += pv * vv[jd]
+                cuda.syncthreads()  # the stages (and P) are overwritten next
+        for i in range(rq):
+            tot = warp_sum(lsum[i])
+            r = wr0 + i
+            if r < n_rows:
+                o = _row(r, hg, H, g) * dv
+                for j in range(ndv):
+                    out[o + lane + 32 * j] = acc[i * ndv + j] / tot
 
     return attend
 

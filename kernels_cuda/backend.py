@@ -491,8 +491,8 @@ class CudaBackend:
             self.queue.add(att.attend1_kernel(cache.kind, dk, dv), (n_head, att.SPLITS), att.THREADS, y.buf, q.buf,
                            kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, *scratch)
             return y
-        self.queue.add(att.attend_kernel(cache.kind), (n_head, t), att.THREADS, y.buf, q.buf, kc, ks, vc, vs, pd,
-                       _f32(float(scale)), int(window), n_head, g, dk, dv)
+        self.queue.add(att.attend_kernel(cache.kind, dk, dv), *att.attend_grid(n_head, g, t, dk, dv), y.buf,
+                       q.buf, kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, t)
         return y
 
 

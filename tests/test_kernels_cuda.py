@@ -368,6 +368,97 @@ def test_decode_attention_long_context(cache_type):
                 assert rel(got, want) < 2e-6, (h, d, ctx, window, rel(got, want))
 
 
+def _prefill_case(cache_type, h, g, dk, dv, pos0, ts, windows, cfg=None, seed=13):
+    """The tiled prefill kernel (attention.attend) against float64 softmax attention over the cache's rounded
+    K/V, T queries at positions pos0.. for each T in ts; every earlier row of the cache visible too."""
+    from numba import cuda
+
+    from kernels_cuda import attention as att
+    from kernels_cuda import ops
+
+    rng = np.random.default_rng(seed)
+    be = CudaBackend(cache_type=cache_type)
+    kind = att.CACHE_TYPES[cache_type]
+    n = pos0 + max(ts)
+    cache = be.new_cache(1, n + 3, g, dk, dv)
+    (kc, ks), (vc, vs) = cache.k[0], cache.v[0]
+    k = rng.standard_normal((n, g, dk)).astype(np.float32)
+    v = rng.standard_normal((n, g, dv)).astype(np.float32)
+    pd = be.queue.params_dev
+    for p0, rows in ((0, slice(0, pos0)), (pos0, slice(pos0, n))):  # the earlier rows, then the batch's
+        m = rows.stop - rows.start
+        if not m:
+            continue
+        be.queue.params_host[0] = p0
+        pd.copy_to_device(be.queue.params_host)
+        cuda.synchronize()
+        nthr = m * g * (dk + dv) // att.kv_per_thread(kind)
+        be.queue.run_eager([(att.rope_store_kernel(kind), *ops.grid1(nthr, 128),
+                             (be._dummy, be._dummy, kc, ks, cuda.to_device(k[rows].ravel()), vc, vs,
+                              cuda.to_device(v[rows].ravel()), be._dummy2, be._dummy2, pd, m, h, g, dk, dv, 0, False,
+                              False))])
+    cuda.synchronize()
+    kk = _kv_round(k, cache_type).astype(np.float64)
+    vv = _kv_round(v, cache_type).astype(np.float64)
+    scale = np.float32(0.125)
+    for t in ts:
+        q = rng.standard_normal((t, h, dk)).astype(np.float32)
+        y = cuda.device_array(t * h * dv, np.float32)
+        be.queue.params_host[0] = pos0
+        pd.copy_to_device(be.queue.params_host)
+        cuda.synchronize()
+        for window in windows:
+            grid, threads = att.attend_grid(h, g, t, dk, dv, cfg)
+            be.queue.run_eager([(att.attend_kernel(kind, dk, dv, cfg), grid, threads,
+                                 (y, cuda.to_device(q.ravel()), kc, ks, vc, vs, pd, scale, window, h, g, t))])
+            cuda.synchronize()
+            got = y.copy_to_host().reshape(t, h, dv)
+            want = np.empty((t, h, dv))
+            for i in range(t):
+                qp = pos0 + i
+                lo = max(0, qp - window + 1) if window > 0 else 0
+                for hh in range(h):
+                    sc = kk[lo : qp + 1, hh // (h // g)] @ (q[i, hh].astype(np.float64) * float(scale))
+                    p = np.exp(sc - sc.max())
+                    want[i, hh] = p @ vv[lo : qp + 1, hh // (h // g)] / p.sum()
+            err = rel(got, want)
+            assert err < 2e-6, (cache_type, h, g, dk, dv, pos0, t, window, cfg, err)
+
+
+PREFILL_CASES = [  # cache type, heads, kv heads, dk, dv, first position, token counts, windows, tile override
+    ("f32", 4, 2, 64, 64, 70, (1, 5, 37), (0, 7), None),  # past one 64-key tile: skipped and partial tiles
+    ("f16", 4, 2, 64, 64, 3, (5, 37), (0, 7), None),
+    ("q8_0", 4, 2, 64, 64, 3, (37,), (0, 7), None),
+    ("q4_0", 4, 2, 64, 64, 3, (37,), (0, 7), None),
+    ("f32", 4, 2, 64, 64, 40, (5, 37), (0, 7), dict(warps=2, rows=4, bk=32, chunks=(32, 32))),  # chunked
+    ("f16", 4, 1, 256, 256, 3, (1, 5, 19), (0, 7), None),  # gemma-like: chunked staging
+    ("q4_0", 4, 1, 256, 256, 40, (19,), (0, 7), None),
+    ("q8_0", 4, 2, 128, 64, 3, (5,), (0,), None),  # Dk != Dv
+]
+PREFILL_SIM = [  # the same ground in fewer launches (the simulator runs each thread in Python)
+    ("f32", 4, 2, 64, 64, 70, (1, 5), (0, 7), None),
+    ("f16", 4, 2, 64, 64, 3, (5,), (7,), None),
+    ("q8_0", 4, 2, 64, 64, 3, (37,), (7,), None),
+    ("q4_0", 4, 2, 64, 64, 3, (37,), (0,), None),
+    ("f32", 4, 2, 64, 64, 40, (37,), (7,), dict(warps=2, rows=4, bk=32, chunks=(32, 32))),
+    ("f16", 4, 1, 256, 256, 3, (1, 19), (7,), None),
+    ("q4_0", 4, 1, 256, 256, 40, (5,), (0,), None),
+    ("q8_0", 4, 2, 128, 64, 3, (5,), (0,), None),
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_SIM if SIM else PREFILL_CASES, ids=lambda c: f"{c[0]}-{c[3]}x{c[4]}-g{c[2]}-p{c[5]}"
+                         + ("-tiles" if c[8] else ""))
+def test_prefill_attention_tiled(case):
+    """attention.attend (query tiles of one KV head's rows, key tiles in shared memory, online softmax) against
+    float64: token counts that are not multiples of the tile, earlier cache rows, GQA, a window, every cache
+    type, heads of 64 (K and V staged together) and 256 (staged in turn), a forced chunked tiling, Dk != Dv."""
+    from kernels_cuda import attention as att
+
+    cache_type, h, g, dk, dv, pos0, ts, windows, over = case
+    _prefill_case(cache_type, h, g, dk, dv, pos0, ts, windows, att.attend_config(dk, dv, **over) if over else None)
+
+
 # ---- 4. the backend in the transformer ------------------------------------------------------------------------
 
 
