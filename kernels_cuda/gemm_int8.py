@@ -29,17 +29,29 @@ PAD = BKW + 4  # smem row stride in words: conflict-free fragment reads
 
 
 @device
-def _load_tile(s, a, r0, rows, kw0, kwords):
-    """s[r, w] = a[r0 + r, kw0 + w] for a (rows, kwords) int32, zero outside; 256 threads, 128 x 16 words."""
+def _fetch(a, r0, rows, kw0, kwords):
+    """This thread's 8 words of a's 128 x 16-word tile at (r0, kw0) (rows tid/16 + 16 i, word tid % 16), as
+    registers: the loads carry no branch, so all 8 are in flight at once and the caller issues them before
+    the previous tile's mma loop (a register-staged double buffer). Rows past the end read the last row (their
+    outputs are dropped); words past the end read as 0."""
     tid = cuda.threadIdx.x
-    for i in range(8):
-        idx = tid + 256 * i
-        r = idx // BKW
-        w = idx % BKW
-        if r0 + r < rows and kw0 + w < kwords:
-            s[r, w] = a[r0 + r, kw0 + w]
-        else:
-            s[r, w] = 0
+    r = r0 + tid // BKW
+    w = kw0 + tid % BKW
+    wc = min(w, kwords - 1)
+    last = rows - 1
+    keep = int32(-1) if w < kwords else int32(0)
+    return (a[min(r, last), wc] & keep, a[min(r + 16, last), wc] & keep, a[min(r + 32, last), wc] & keep,
+            a[min(r + 48, last), wc] & keep, a[min(r + 64, last), wc] & keep, a[min(r + 80, last), wc] & keep,
+            a[min(r + 96, last), wc] & keep, a[min(r + 112, last), wc] & keep)
+
+
+@device
+def _put(s, v):
+    """The words _fetch returned into the shared tile s."""
+    tid = cuda.threadIdx.x
+    r, w = tid // BKW, tid % BKW
+    s[r, w], s[r + 16, w], s[r + 32, w], s[r + 48, w] = v[0], v[1], v[2], v[3]
+    s[r + 64, w], s[r + 80, w], s[r + 96, w], s[r + 112, w] = v[4], v[5], v[6], v[7]
 
 
 @kernel
@@ -57,10 +69,14 @@ def gemm_s8_mma(c, a, b, M, N, KW):
     acc = cuda.local.array(64, int32)
     for i in range(64):
         acc[i] = 0
+    va = _fetch(a, m0, M, 0, KW)
+    vb = _fetch(b, n0, N, 0, KW)
     for kw0 in range(0, KW, BKW):
-        _load_tile(sa, a, m0, M, kw0, KW)
-        _load_tile(sb, b, n0, N, kw0, KW)
+        _put(sa, va)
+        _put(sb, vb)
         cuda.syncthreads()
+        va = _fetch(a, m0, M, kw0 + BKW, KW)  # the next tile's loads fly during this tile's mma
+        vb = _fetch(b, n0, N, kw0 + BKW, KW)
         for kk in range(0, BKW, 8):
             for mi in range(4):
                 r = wm + 16 * mi + g
@@ -128,6 +144,12 @@ def gemm_q8_kernel(per16: bool, mins: bool):
     return _Q8[key]
 
 
+@device
+def _fetch_scales(sa, asum, sw, mw, ra, cb, kb, mins):
+    return (sa[ra, kb], asum[ra, kb] if mins else float32(0.0), sw[cb, 2 * kb], sw[cb, 2 * kb + 1],
+            mw[cb, kb] if mins else float32(0.0))
+
+
 def _make_gemm_q8(per16, mins):
     @kernel
     def gemm_q8(y, aq, sa, asum, bq, sw, mw, bias, res, flags, T, N, KW):
@@ -150,19 +172,19 @@ def _make_gemm_q8(per16, mins):
         acc = cuda.local.array(64, float32)
         for i in range(64):
             acc[i] = 0.0
+        sr, sj = tid // 2, tid % 2  # 256 threads: the scales of a (row, block) each
+        ra, cb = min(m0 + sr, T - 1), min(n0 + sr, N - 1)
+        va = _fetch(aq, m0, T, 0, KW)
+        vb = _fetch(bq, n0, N, 0, KW)
+        vs = _fetch_scales(sa, asum, sw, mw, ra, cb, min(sj, nkb - 1), mins)
         for kw0 in range(0, KW, BKW):
-            _load_tile(s_a, aq, m0, T, kw0, KW)
-            _load_tile(s_b, bq, n0, N, kw0, KW)
-            kb0 = kw0 // 8
-            r, j = tid // 2, tid % 2  # 256 threads: a (row, block) each
-            kb = min(kb0 + j, nkb - 1)
-            ra, cb = min(m0 + r, T - 1), min(n0 + r, N - 1)
-            s_sa[r, j] = sa[ra, kb]
-            s_as[r, j] = asum[ra, kb] if mins else float32(0.0)
-            s_sw[r, 2 * j] = sw[cb, 2 * kb]
-            s_sw[r, 2 * j + 1] = sw[cb, 2 * kb + 1]
-            s_mw[r, j] = mw[cb, kb] if mins else float32(0.0)
+            _put(s_a, va)
+            _put(s_b, vb)
+            s_sa[sr, sj], s_as[sr, sj], s_sw[sr, 2 * sj], s_sw[sr, 2 * sj + 1], s_mw[sr, sj] = vs
             cuda.syncthreads()
+            va = _fetch(aq, m0, T, kw0 + BKW, KW)  # the next tile's loads fly during this tile's mma
+            vb = _fetch(bq, n0, N, kw0 + BKW, KW)
+            vs = _fetch_scales(sa, asum, sw, mw, ra, cb, min(kw0 // 8 + 2 + sj, nkb - 1), mins)
             for j in range(2):
                 kk = 8 * j
                 if kw0 + kk < KW:

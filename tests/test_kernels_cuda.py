@@ -202,7 +202,7 @@ def test_int8_gemm_exact(variant):
     from numba import cuda
 
     rng = np.random.default_rng(7)
-    m, n, k = (40, 24, 64) if SIM else (300, 260, 1024)
+    m, n, k = (40, 24, 96) if SIM else (300, 260, 1056)  # K/4 not a multiple of the 16-word K tile
     a = rng.integers(-128, 128, (m, k), dtype=np.int8)
     b = rng.integers(-128, 128, (n, k), dtype=np.int8)
     c = cuda.to_device(np.full((m, n), -7, np.int32))
@@ -217,7 +217,7 @@ def test_int8_gemm_exact(variant):
 def test_prefill_gemm(be, type):
     """Many tokens: int8 GEMM on activations quantized per 32 values (exact against that rounding), or the
     float GEMM for weights without integer codes."""
-    k = 256 if type == "q6_k" else 64
+    k = 256 if type == "q6_k" else 96  # 24 words: the K tile (16 words) hangs over the end
     t = make_weight(type, 20, k, seed=3)
     codes = int8_codes(t.data, t.type, t.shape)
     if codes is not None:  # the codes reproduce the dequantized weight exactly
