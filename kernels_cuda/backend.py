@@ -307,10 +307,9 @@ class CudaBackend:
                            self._dummy, flags, t, n, k)
             return y
         words, scales, mins, per16 = codes
-        aq = self.arena.alloc(t * k // 4, np.int32)
-        sa = self.arena.alloc(t * k // 32)
-        asum = self.arena.alloc(t * k // 32)
-        aq2, sa2, asum2 = aq.reshape(t, k // 4), sa.reshape(t, k // 32), asum.reshape(t, k // 32)
+        aq2 = self.arena.alloc(t * k // 4, np.int32, (t, k // 4))
+        sa2 = self.arena.alloc(t * k // 32, shape=(t, k // 32))
+        asum2 = self.arena.alloc(t * k // 32, shape=(t, k // 32))
         self.queue.add(g8.quantize_q8, *ops.grid1(t * k // 32, 128), aq2, sa2, asum2, x.buf, t, k)
         kern = g8.gemm_q8_kernel(per16, mins is not None)
         self.queue.add(kern, *g8.gemm_grid(t, n), y.buf, aq2, sa2, asum2, words, scales,
