@@ -29,29 +29,30 @@ PAD = BKW + 4  # smem row stride in words: conflict-free fragment reads
 
 
 @device
-def _fetch(a, r0, rows, kw0, kwords):
-    """This thread's 8 words of a's 128 x 16-word tile at (r0, kw0) (rows tid/16 + 16 i, word tid % 16), as
-    registers: the loads carry no branch, so all 8 are in flight at once and the caller issues them before
-    the previous tile's mma loop (a register-staged double buffer). Rows past the end read the last row (their
-    outputs are dropped); words past the end read as 0."""
+def _fetch(a, r0, rows, kw0, kwords, rs):
+    """This thread's 8 words of a's (8 rs) x 16-word tile at (r0, kw0) (rows tid/16 + rs i, word tid % 16; rs =
+    threads / 16), as registers: the loads carry no branch, so all 8 are in flight at once and the caller
+    issues them before the previous tile's mma loop (a register-staged double buffer). Rows past the end read
+    the last row (their outputs are dropped); words past the end read as 0."""
     tid = cuda.threadIdx.x
     r = r0 + tid // BKW
     w = kw0 + tid % BKW
     wc = min(w, kwords - 1)
     last = rows - 1
     keep = int32(-1) if w < kwords else int32(0)
-    return (a[min(r, last), wc] & keep, a[min(r + 16, last), wc] & keep, a[min(r + 32, last), wc] & keep,
-            a[min(r + 48, last), wc] & keep, a[min(r + 64, last), wc] & keep, a[min(r + 80, last), wc] & keep,
-            a[min(r + 96, last), wc] & keep, a[min(r + 112, last), wc] & keep)
+    return (a[min(r, last), wc] & keep, a[min(r + rs, last), wc] & keep, a[min(r + 2 * rs, last), wc] & keep,
+            a[min(r + 3 * rs, last), wc] & keep, a[min(r + 4 * rs, last), wc] & keep,
+            a[min(r + 5 * rs, last), wc] & keep, a[min(r + 6 * rs, last), wc] & keep,
+            a[min(r + 7 * rs, last), wc] & keep)
 
 
 @device
-def _put(s, v):
+def _put(s, v, rs):
     """The words _fetch returned into the shared tile s."""
     tid = cuda.threadIdx.x
     r, w = tid // BKW, tid % BKW
-    s[r, w], s[r + 16, w], s[r + 32, w], s[r + 48, w] = v[0], v[1], v[2], v[3]
-    s[r + 64, w], s[r + 80, w], s[r + 96, w], s[r + 112, w] = v[4], v[5], v[6], v[7]
+    s[r, w], s[r + rs, w], s[r + 2 * rs, w], s[r + 3 * rs, w] = v[0], v[1], v[2], v[3]
+    s[r + 4 * rs, w], s[r + 5 * rs, w], s[r + 6 * rs, w], s[r + 7 * rs, w] = v[4], v[5], v[6], v[7]
 
 
 @kernel
@@ -69,14 +70,14 @@ def gemm_s8_mma(c, a, b, M, N, KW):
     acc = cuda.local.array(64, int32)
     for i in range(64):
         acc[i] = 0
-    va = _fetch(a, m0, M, 0, KW)
-    vb = _fetch(b, n0, N, 0, KW)
+    va = _fetch(a, m0, M, 0, KW, 16)
+    vb = _fetch(b, n0, N, 0, KW, 16)
     for kw0 in range(0, KW, BKW):
-        _put(sa, va)
-        _put(sb, vb)
+        _put(sa, va, 16)
+        _put(sb, vb, 16)
         cuda.syncthreads()
-        va = _fetch(a, m0, M, kw0 + BKW, KW)  # the next tile's loads fly during this tile's mma
-        vb = _fetch(b, n0, N, kw0 + BKW, KW)
+        va = _fetch(a, m0, M, kw0 + BKW, KW, 16)  # the next tile's loads fly during this tile's mma
+        vb = _fetch(b, n0, N, kw0 + BKW, KW, 16)
         for kk in range(0, BKW, 8):
             for mi in range(4):
                 r = wm + 16 * mi + g
@@ -135,13 +136,23 @@ def gemm_s8_dp4a(c, a, b, M, N, KW):
 
 HAS_BIAS, HAS_RES = 1, 2
 _Q8: dict = {}
+TILES = (128, 64)  # square block tiles of gemm_q8: 8 warps of 64 x 32 outputs, or 4 warps of 32 x 32
 
 
-def gemm_q8_kernel(per16: bool, mins: bool):
-    key = (per16, mins)
+def gemm_q8_kernel(per16: bool, mins: bool, tile: int = 128):
+    key = (per16, mins, tile)
     if key not in _Q8:
-        _Q8[key] = _make_gemm_q8(per16, mins)
+        _Q8[key] = _make_gemm_q8(per16, mins, tile)
     return _Q8[key]
+
+
+def gemm_q8_tile(M: int, N: int, n_sm: int) -> int:
+    """The larger tile while it still gives every multiprocessor two blocks; prefill's shapes (512 tokens by
+    896 or 128 outputs: 28 or 4 blocks of 128 x 128 on 132 SMs) take the smaller."""
+    for tile in TILES:
+        if -(-M // tile) * -(-N // tile) >= 2 * n_sm:
+            return tile
+    return TILES[-1]
 
 
 @device
@@ -150,45 +161,51 @@ def _fetch_scales(sa, asum, sw, mw, ra, cb, kb, mins):
             mw[cb, kb] if mins else float32(0.0))
 
 
-def _make_gemm_q8(per16, mins):
+def _make_gemm_q8(per16, mins, tile):
+    rs = tile // 8  # rows a load step covers: 2 x tile threads / 16 words a row
+    wrows = tile // 2  # 2 warps down a tile, tile / 32 across, each wrows x 32 outputs
+    wcols = tile // 32
+    mi_n = wrows // 16  # 16-row mma fragments a warp stacks
+    n_acc = 16 * mi_n
+
     @kernel
     def gemm_q8(y, aq, sa, asum, bq, sw, mw, bias, res, flags, T, N, KW):
         """y (T, N) f32; aq (T, KW) int32 words, sa/asum (T, K/32); bq (N, KW), sw (N, K/16), mw (N, K/32)."""
-        s_a = cuda.shared.array((BM, PAD), int32)
-        s_b = cuda.shared.array((BN, PAD), int32)
+        s_a = cuda.shared.array((tile, PAD), int32)
+        s_b = cuda.shared.array((tile, PAD), int32)
         # the tile's scales, staged with its codes: the epilogue of every mma reads them
-        s_sa = cuda.shared.array((BM, 2), float32)
-        s_as = cuda.shared.array((BM, 2), float32)
-        s_sw = cuda.shared.array((BN, 4), float32)
-        s_mw = cuda.shared.array((BN, 2), float32)
+        s_sa = cuda.shared.array((tile, 2), float32)
+        s_as = cuda.shared.array((tile, 2), float32)
+        s_sw = cuda.shared.array((tile, 4), float32)
+        s_mw = cuda.shared.array((tile, 2), float32)
         tid = cuda.threadIdx.x
         warp, lane = tid // 32, tid % 32
         g, tig = lane // 4, lane % 4
-        wm = (warp // 4) * 64
-        wn = (warp % 4) * 32
-        m0 = cuda.blockIdx.y * BM
-        n0 = cuda.blockIdx.x * BN
+        wm = (warp // wcols) * wrows
+        wn = (warp % wcols) * 32
+        m0 = cuda.blockIdx.y * tile
+        n0 = cuda.blockIdx.x * tile
         nkb = KW // 8  # 32-blocks along K
-        acc = cuda.local.array(64, float32)
-        for i in range(64):
+        acc = cuda.local.array(n_acc, float32)
+        for i in range(n_acc):
             acc[i] = 0.0
-        sr, sj = tid // 2, tid % 2  # 256 threads: the scales of a (row, block) each
+        sr, sj = tid // 2, tid % 2  # 2 x tile threads: the scales of a (row, block) each
         ra, cb = min(m0 + sr, T - 1), min(n0 + sr, N - 1)
-        va = _fetch(aq, m0, T, 0, KW)
-        vb = _fetch(bq, n0, N, 0, KW)
+        va = _fetch(aq, m0, T, 0, KW, rs)
+        vb = _fetch(bq, n0, N, 0, KW, rs)
         vs = _fetch_scales(sa, asum, sw, mw, ra, cb, min(sj, nkb - 1), mins)
         for kw0 in range(0, KW, BKW):
-            _put(s_a, va)
-            _put(s_b, vb)
+            _put(s_a, va, rs)
+            _put(s_b, vb, rs)
             s_sa[sr, sj], s_as[sr, sj], s_sw[sr, 2 * sj], s_sw[sr, 2 * sj + 1], s_mw[sr, sj] = vs
             cuda.syncthreads()
-            va = _fetch(aq, m0, T, kw0 + BKW, KW)  # the next tile's loads fly during this tile's mma
-            vb = _fetch(bq, n0, N, kw0 + BKW, KW)
+            va = _fetch(aq, m0, T, kw0 + BKW, KW, rs)  # the next tile's loads fly during this tile's mma
+            vb = _fetch(bq, n0, N, kw0 + BKW, KW, rs)
             vs = _fetch_scales(sa, asum, sw, mw, ra, cb, min(kw0 // 8 + 2 + sj, nkb - 1), mins)
             for j in range(2):
                 kk = 8 * j
                 if kw0 + kk < KW:
-                    for mi in range(4):
+                    for mi in range(mi_n):
                         r = wm + 16 * mi + g
                         a0, a1 = s_a[r, kk + tig], s_a[r + 8, kk + tig]
                         a2, a3 = s_a[r, kk + tig + 4], s_a[r + 8, kk + tig + 4]
@@ -217,7 +234,7 @@ def _make_gemm_q8(per16, mins):
                                         v -= (s_as[r, j] if i < 2 else s_as[r + 8, j]) * s_mw[cc, j]
                                     acc[o + i] += v
             cuda.syncthreads()
-        for mi in range(4):
+        for mi in range(mi_n):
             for ni in range(4):
                 for i in range(4):
                     row = m0 + wm + 16 * mi + g + 8 * (i // 2)
@@ -233,8 +250,8 @@ def _make_gemm_q8(per16, mins):
     return gemm_q8
 
 
-def gemm_grid(M: int, N: int):
-    return (-(-N // BN), -(-M // BM)), 256
+def gemm_grid(M: int, N: int, tile: int = 128):
+    return (-(-N // tile), -(-M // tile)), 2 * tile
 
 
 @kernel

@@ -531,12 +531,11 @@ def test_backend_logits_match_numpy(tmp_path, arch):
     want = [ref.forward(tokens[:n_pre], 0, rc, all_logits=True)]
     want += [ref.forward(tokens[i : i + 1], i, rc) for i in steps]
     # float decode: the numpy arithmetic; the default rounds decode activations to int8 (dp4a), and
-    # gemv_tokens=2 sends the prefill through the int8 GEMM: looser bounds. The simulator runs the default alone
-    # (the float products are checked op by op in the GEMV tests).
-    backends = [(CudaBackend(cache_type="f32"), 6e-2)]
+    # gemv_tokens=1 sends the prefill through the int8 GEMM (q, k and v sharing one quantized input): looser
+    # bounds. The simulator leaves out float decode (its products are checked op by op in the GEMV tests).
+    backends = [(CudaBackend(cache_type="f32"), 6e-2), (CudaBackend(cache_type="f32", gemv_tokens=1), 6e-2)]
     if not SIM:
-        backends += [(CudaBackend(cache_type="f32", int8_decode=False), 1e-5),
-                     (CudaBackend(cache_type="f32", gemv_tokens=2), 6e-2)]
+        backends += [(CudaBackend(cache_type="f32", int8_decode=False), 1e-5)]
     for be, tol in backends:
         m = Transformer(f, be)
         cache = m.new_cache(16)
@@ -554,12 +553,14 @@ def test_backend_logits_match_numpy(tmp_path, arch):
             m.forward(np.array([m.hp.n_vocab]), steps[-1] + 1, cache)
 
 
-def test_decode_step_queues_the_same_launches(tmp_path):
-    """Two decode steps at different positions queue the same kernels over the same buffer and scalar objects
-    (so the step's CUDA graph is replayed after one cheap identity comparison); host only, nothing launched."""
+@pytest.mark.parametrize("n_tok", [1, 5])
+def test_decode_step_queues_the_same_launches(tmp_path, n_tok):
+    """Two decode steps at different positions (or two 5-token prefills through the int8 GEMM) queue the same
+    kernels over the same buffer and scalar objects (so the pass's CUDA graph is replayed after one cheap
+    identity comparison); host only, nothing launched."""
     from pyquant.model import Transformer
 
-    be = CudaBackend(cache_type="f32")
+    be = CudaBackend(cache_type="f32", gemv_tokens=2)
     m = Transformer(GGUFFile(tiny_gguf(tmp_path / "tiny.gguf", "qwen2")), be)
     cache = m.new_cache(16)
     steps, q = [], be.queue
@@ -571,7 +572,10 @@ def test_decode_step_queues_the_same_launches(tmp_path):
 
     q.flush = flush
     for pos in (3, 4):
-        m.forward(np.array([pos]), pos, cache)
+        if n_tok == 1:
+            m.forward(np.array([pos]), pos, cache)
+        else:
+            m.forward(np.arange(n_tok) + pos, 0, cache)
     a, b = steps
     assert len(a) == len(b) > 0
     for (ka, ga, ba, xa), (kb, gb, bb, xb) in zip(a, b):
