@@ -71,6 +71,7 @@ TABLE = (
     "gptq q4_1 mix",
     "awq q4_0",
     "awq q4_0 clip",
+    "awq q4_1",
     "smoothquant q8_0",
     "smoothquant w8a8",
     "llm_int8",
