@@ -306,6 +306,16 @@ def _make_attend(kind, dk, dv, cfg):
     us, uv = 1 << (us.bit_length() - 1), 1 << (uv.bit_length() - 1)  # powers of two: they divide 32
 
     @device
+    def slot(step, tid, DC):
+        """(row, dim) of the value (pair) a staging thread takes at a step."""
+        e = U64(step * nt + tid)
+        kr = e // U64(DC // pair)
+        d = e % U64(DC // pair)
+        if pair == 2:
+            d = (d // U64(16)) * U64(32) + d % U64(16)
+        return kr, d
+
+    @device
     def stage(buf, stride, c, s, key0, kend, G, g, D, dc0, DC, per):
         """buf[r * stride + d] = value dc0 + d of cache row key0 + r (d < DC, r < bk), zero past kend (rows never
         written: garbage times p = 0 could still be NaN). Consecutive threads take consecutive dims of a row
@@ -318,11 +328,7 @@ def _make_attend(kind, dk, dv, cfg):
             vals = cuda.local.array(STAGE_BATCH, float32)
             vals2 = cuda.local.array(STAGE_BATCH, float32)
             for it in range(nb):
-                e = U64((b0 + it) * nt + tid)
-                kr = e // U64(DC // pair)
-                d = e % U64(DC // pair)
-                if pair == 2:
-                    d = (d // U64(16)) * U64(32) + d % U64(16)
+                kr, d = slot(b0 + it, tid, DC)
                 key = key0 + np.int64(kr)
                 i = (min(key, kend) * G + g) * D + dc0 + np.int64(d)  # a row that exists: loads need no branch
                 v0 = load(c, s, i)
@@ -331,11 +337,7 @@ def _make_attend(kind, dk, dv, cfg):
                     v1 = load(c, s, i + 16)
                     vals2[it] = v1 if key <= kend else float32(0.0)
             for it in range(nb):
-                e = U64((b0 + it) * nt + tid)
-                kr = e // U64(DC // pair)
-                d = e % U64(DC // pair)
-                if pair == 2:
-                    d = (d // U64(16)) * U64(32) + d % U64(16)
+                kr, d = slot(b0 + it, tid, DC)
                 buf[kr * U64(stride) + d] = vals[it]
                 if pair == 2:
                     buf[kr * U64(stride) + d + U64(16)] = vals2[it]
