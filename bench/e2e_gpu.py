@@ -17,6 +17,7 @@ table, writes e2e_gpu.json and e2e_gpu.png to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import lzma
@@ -110,16 +111,12 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
             q.graph.launch(q.core_stream)
             q.synchronize()
             g.append(time.perf_counter() - t0)
-        def drop():  # LaunchQueue.flush without the launches
-            q.items, q.n_params, q.pos0 = [], 1, None
-
-        flush, q.flush = q.flush, drop
         b = []
-        for _ in range(5):  # the host side alone: the pass queued in Python, nothing launched
-            t0 = time.perf_counter()
-            m.forward(prompt, 0, cache)
-            b.append(time.perf_counter() - t0)
-        q.flush = flush
+        with launches_dropped(q):
+            for _ in range(5):  # the host side alone: the pass queued in Python, nothing launched
+                t0 = time.perf_counter()
+                m.forward(prompt, 0, cache)
+                b.append(time.perf_counter() - t0)
         pp_split = {"pp_graph_ms": float(np.median(g)) * 1e3, "pp_build_ms": float(np.median(b)) * 1e3}
     tok = int(prompt[0])
     for i in range(3):  # compiles, then captures the decode graph
@@ -178,11 +175,10 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
         res["prefill_kernel_us"] = kernel_profile(q, pp_items, reps=3)
         res["kernel_resources"] = kernel_resources()
         t0 = time.perf_counter()  # building the step in Python: ops queued, nothing launched
-        flush, q.flush = q.flush, lambda: q.items.clear()
         build = getattr(m, "_forward", None)  # (a baseline without step replay: forward itself)
-        for i in range(20):
-            build(np.array([tok]), i, cache, False) if build else m.forward(np.array([tok]), i, cache)
-        q.flush = flush
+        with launches_dropped(q):
+            for i in range(20):
+                build(np.array([tok]), i, cache, False) if build else m.forward(np.array([tok]), i, cache)
         res["build_ms_per_token"] = (time.perf_counter() - t0) / 20 * 1e3
     return res
 
@@ -201,6 +197,20 @@ def kernel_resources() -> dict:
             except Exception as e:  # not compiled, or an older numba-cuda
                 out[str(key)] = str(e)[:80]
     return out
+
+
+@contextlib.contextmanager
+def launches_dropped(q):
+    """The launch queue's flush replaced by one that forgets the queued launches and parameters (what a flush
+    resets, nothing run): times the Python that queues a pass."""
+    def drop():
+        q.items, q.n_params, q.pos0 = [], 1, None
+
+    flush, q.flush = q.flush, drop
+    try:
+        yield
+    finally:
+        q.flush = flush
 
 
 def kernel_profile(q, items, reps: int = 20) -> dict:
