@@ -70,14 +70,14 @@ def gemm_s8_mma(c, a, b, M, N, KW):
     acc = cuda.local.array(64, int32)
     for i in range(64):
         acc[i] = 0
-    va = _fetch(a, m0, M, 0, KW, 16)
-    vb = _fetch(b, n0, N, 0, KW, 16)
+    va = _fetch(a, m0, M, 0, KW, BM // 8)
+    vb = _fetch(b, n0, N, 0, KW, BM // 8)
     for kw0 in range(0, KW, BKW):
-        _put(sa, va, 16)
-        _put(sb, vb, 16)
+        _put(sa, va, BM // 8)
+        _put(sb, vb, BM // 8)
         cuda.syncthreads()
-        va = _fetch(a, m0, M, kw0 + BKW, KW, 16)  # the next tile's loads fly during this tile's mma
-        vb = _fetch(b, n0, N, kw0 + BKW, KW, 16)
+        va = _fetch(a, m0, M, kw0 + BKW, KW, BM // 8)  # the next tile's loads fly during this tile's mma
+        vb = _fetch(b, n0, N, kw0 + BKW, KW, BM // 8)
         for kk in range(0, BKW, 8):
             for mi in range(4):
                 r = wm + 16 * mi + g
