@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from .isa import dp4a
-from .jit import SIM, block_sum, device, gelu_tanh, kernel, silu, warp_sum
+from .jit import SIM, block_sum, device, gelu_tanh, kernel, quad_or, silu, warp_max, warp_sum
 from .quants import GPU_FORMATS
 
 PLAIN, RMS, SWIGLU, GEGLU = range(4)
@@ -144,7 +144,7 @@ def _q5_word(w, qh, j0, xs, b):
 
 
 @device
-def _unit_q5_0(q, d, n, xs, xsum, xq, u):
+def _unit_q5_0(q, d, n, xs, xsum, u):
     uu, nn = U64(u), U64(n)
     o = U64(5) * uu
     qh, w0, w1, w2, w3 = q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)]
@@ -163,7 +163,7 @@ def _i8_word(w, j0, xs, b):
 
 
 @device
-def _unit_q8_0(q, d, n, xs, xsum, xq, u):
+def _unit_q8_0(q, d, n, xs, xsum, u):
     uu, nn = U64(u), U64(n)
     o = U64(8) * uu
     b = U64(UNIT + 1) * uu
@@ -191,7 +191,7 @@ def _scale_byte(s0, s1, s2, k):
 
 
 @device
-def _unit_q4_k(q, d, n, xs, xsum, xq, u):
+def _unit_q4_k(q, d, n, xs, xsum, u):
     uu, nn = U64(u), U64(n)
     blk = uu // U64(8)
     j = u % 8  # sub-block: 32 values, the low (even j) or high nibbles of qs bytes 32 (j // 2) ..
@@ -225,7 +225,7 @@ def _q6_word(lo, hi, shl, shh, j0, xs, b):
 
 
 @device
-def _unit_q6_k(q, d, n, xs, xsum, xq, u):
+def _unit_q6_k(q, d, n, xs, xsum, u):
     uu, nn = U64(u), U64(n)
     blk = uu // U64(8)
     j = u % 8  # values 32j ..: half h = j // 4, quarter k = j % 4
@@ -259,11 +259,9 @@ _NEEDS_SUM = ("q4_k", "q6_k")  # units that read xsum (mins, code offsets)
 _UNIT: dict = {}
 
 
-def _unit_fn(fmt, int8: bool = False):
-    """unit(q, d, n, xs, xsum, xq, u): values 32u..32u+31 of row n dotted with the staged input: the float
-    units read xs (xsum: each unit's sum), the int8 ones xq (xsum: each unit's scale)."""
-    if int8:
-        return INT_UNITS[fmt.name]
+def _unit_fn(fmt):
+    """unit(q, d, n, xs, xsum, u): values 32u..32u+31 of row n dotted with the staged input xs (xsum: each
+    unit's sum)."""
     if fmt.name in _STRAIGHT:
         return _STRAIGHT[fmt.name]
     if fmt.name in _UNIT:
@@ -271,7 +269,7 @@ def _unit_fn(fmt, int8: bool = False):
     dec8, upb = fmt.dec8, fmt.block_values // UNIT
 
     @device
-    def unit(q, d, n, xs, xsum, xq, u):  # the other formats through their 8-value decoders
+    def unit(q, d, n, xs, xsum, u):  # the other formats through their 8-value decoders
         v = cuda.local.array(8, float32)
         blk = u // upb
         g0 = (u % upb) * 4
@@ -293,9 +291,16 @@ def _unit_fn(fmt, int8: bool = False):
 # QW words a unit: 8 words of 4 codes, the sum of the 32 codes, the sum of the first 16 (q6_k's halves), a pad
 # word (QW = 11, coprime with the 32 banks: lane l reading unit l never conflicts). A weight word then meets
 # an activation word in one dp4a: about one instruction per value where the float units take 5 to 9.
+# Each format's unit is split in two: `_ld_*` issues the unit's weight loads and returns the raw words, and
+# `_dt_*` dots them with the staged activations. The kernel loads its next unit before it dots this one, and
+# its first unit before it stages the input, so a block's memory round trips overlap instead of adding up.
+# Every loader returns the same shape (words a, words b, word c, scale d0, scale d1; unused words are 0), so
+# q, k and v of different formats share one register set.
 
 QW = 11
 M4 = U32(0x0F0F0F0F)
+Z = U32(0)
+F0 = np.float32(0.0)
 
 
 @device
@@ -330,54 +335,116 @@ def _dot_q5(qh, w0, w1, w2, w3, xq, b):
 
 
 @device
-def _iunit_q4_0(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
-    uu, nn = U64(u), U64(n)
-    o, b = U64(4) * uu, U64(QW) * uu
-    s = _dot_nibbles(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], xq, b)
-    return d[nn, uu] * xd[uu] * float32(I32(s - I32(8) * xq[b + U64(8)]))
+def _dot8(a, xq, b):
+    """The eight words of a (four int8 each) dotted with xq[b ..]."""
+    s = dp4a(a[0], xq[b], I32(0))
+    s = dp4a(a[1], xq[b + U64(1)], s)
+    s = dp4a(a[2], xq[b + U64(2)], s)
+    s = dp4a(a[3], xq[b + U64(3)], s)
+    s = dp4a(a[4], xq[b + U64(4)], s)
+    s = dp4a(a[5], xq[b + U64(5)], s)
+    s = dp4a(a[6], xq[b + U64(6)], s)
+    return dp4a(a[7], xq[b + U64(7)], s)
 
 
 @device
-def _iunit_q4_1(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
-    uu, nn = U64(u), U64(n)
-    o, b = U64(4) * uu, U64(QW) * uu
-    s = _dot_nibbles(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], xq, b)
-    return xd[uu] * (d[nn, U64(2) * uu] * float32(s) + d[nn, U64(2) * uu + U64(1)] * float32(xq[b + U64(8)]))
+def _ld4(q, nn, o):
+    return (q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], Z, Z, Z, Z)
 
 
 @device
-def _iunit_q5_0(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
-    uu, nn = U64(u), U64(n)
-    o, b = U64(5) * uu, U64(QW) * uu
-    s = _dot_q5(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)], xq, b)
-    return d[nn, uu] * xd[uu] * float32(I32(s - I32(16) * xq[b + U64(8)]))
+def _ld8(q, nn, o):
+    return (q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)],
+            q[nn, o + U64(4)], q[nn, o + U64(5)], q[nn, o + U64(6)], q[nn, o + U64(7)])
 
 
 @device
-def _iunit_q5_1(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+def _ld_q4_0(q, d, n, u):
     uu, nn = U64(u), U64(n)
-    o, b = U64(5) * uu, U64(QW) * uu
-    s = _dot_q5(q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)], xq, b)
-    return xd[uu] * (d[nn, U64(2) * uu] * float32(s) + d[nn, U64(2) * uu + U64(1)] * float32(xq[b + U64(8)]))
+    return _ld4(q, nn, U64(4) * uu), (Z, Z, Z, Z, Z, Z, Z, Z), Z, d[nn, uu], F0
 
 
 @device
-def _iunit_q8_0(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
-    uu, nn = U64(u), U64(n)
-    o, b = U64(8) * uu, U64(QW) * uu
-    s = dp4a(q[nn, o], xq[b], I32(0))
-    for i in range(1, 8):
-        s = dp4a(q[nn, o + U64(i)], xq[b + U64(i)], s)
-    return d[nn, uu] * xd[uu] * float32(s)
+def _dt_q4_0(w, xq, xd, u):
+    a = w[0]
+    b = U64(QW) * U64(u)
+    s = _dot_nibbles(a[0], a[1], a[2], a[3], xq, b)
+    return w[3] * xd[u] * float32(I32(s - I32(8) * xq[b + U64(8)]))
 
 
 @device
-def _iunit_q4_k(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+def _ld_q4_1(q, d, n, u):
+    uu, nn = U64(u), U64(n)
+    return _ld4(q, nn, U64(4) * uu), (Z, Z, Z, Z, Z, Z, Z, Z), Z, d[nn, U64(2) * uu], d[nn, U64(2) * uu + U64(1)]
+
+
+@device
+def _dt_q4_1(w, xq, xd, u):
+    a = w[0]
+    b = U64(QW) * U64(u)
+    s = _dot_nibbles(a[0], a[1], a[2], a[3], xq, b)
+    return xd[u] * (w[3] * float32(s) + w[4] * float32(xq[b + U64(8)]))
+
+
+@device
+def _ld5(q, nn, o):
+    return (q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], q[nn, o + U64(3)], q[nn, o + U64(4)], Z, Z, Z)
+
+
+@device
+def _ld_q5_0(q, d, n, u):
+    uu, nn = U64(u), U64(n)
+    return _ld5(q, nn, U64(5) * uu), (Z, Z, Z, Z, Z, Z, Z, Z), Z, d[nn, uu], F0
+
+
+@device
+def _dt_q5_0(w, xq, xd, u):
+    a = w[0]
+    b = U64(QW) * U64(u)
+    s = _dot_q5(a[0], a[1], a[2], a[3], a[4], xq, b)
+    return w[3] * xd[u] * float32(I32(s - I32(16) * xq[b + U64(8)]))
+
+
+@device
+def _ld_q5_1(q, d, n, u):
+    uu, nn = U64(u), U64(n)
+    return _ld5(q, nn, U64(5) * uu), (Z, Z, Z, Z, Z, Z, Z, Z), Z, d[nn, U64(2) * uu], d[nn, U64(2) * uu + U64(1)]
+
+
+@device
+def _dt_q5_1(w, xq, xd, u):
+    a = w[0]
+    b = U64(QW) * U64(u)
+    s = _dot_q5(a[0], a[1], a[2], a[3], a[4], xq, b)
+    return xd[u] * (w[3] * float32(s) + w[4] * float32(xq[b + U64(8)]))
+
+
+@device
+def _ld_q8_0(q, d, n, u):
+    uu, nn = U64(u), U64(n)
+    return _ld8(q, nn, U64(8) * uu), (Z, Z, Z, Z, Z, Z, Z, Z), Z, d[nn, uu], F0
+
+
+@device
+def _dt_q8_0(w, xq, xd, u):
+    return w[3] * xd[u] * float32(_dot8(w[0], xq, U64(QW) * U64(u)))
+
+
+@device
+def _ld_q4_k(q, d, n, u):
     uu, nn = U64(u), U64(n)
     blk = uu // U64(8)
-    j = u % 8
     o = U64(35) * blk
-    s0, s1, s2 = q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)]
+    qs = _ld8(q, nn, o + U64(3) + U64(8) * U64((u % 8) // 2))
+    return qs, (q[nn, o], q[nn, o + U64(1)], q[nn, o + U64(2)], Z, Z, Z, Z, Z), Z, d[nn, U64(2) * blk], \
+        d[nn, U64(2) * blk + U64(1)]
+
+
+@device
+def _dt_q4_k(w, xq, xd, u):
+    a, sw = w[0], w[1]
+    s0, s1, s2 = sw[0], sw[1], sw[2]
+    j = u % 8  # sub-block: 32 values, the low (even j) or high nibbles of qs bytes 32 (j // 2) ..
     if j < 4:
         sc = U32(_scale_byte(s0, s1, s2, j) & U32(63))
         m = U32(_scale_byte(s0, s1, s2, j + 4) & U32(63))
@@ -385,14 +452,17 @@ def _iunit_q4_k(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units re
         hi = _scale_byte(s0, s1, s2, j + 4)
         sc = U32(hi & U32(15)) | U32(U32(_scale_byte(s0, s1, s2, j - 4) >> U32(6)) << U32(4))
         m = U32(hi >> U32(4)) | U32(U32(_scale_byte(s0, s1, s2, j) >> U32(6)) << U32(4))
-    oq = o + U64(3) + U64(8) * U64(j // 2)
     sh = U32(4 * (j % 2))
-    b = U64(QW) * uu
-    s = dp4a(U32(q[nn, oq] >> sh) & M4, xq[b], I32(0))
-    for i in range(1, 8):
-        s = dp4a(U32(q[nn, oq + U64(i)] >> sh) & M4, xq[b + U64(i)], s)
-    return xd[uu] * (d[nn, U64(2) * blk] * float32(sc) * float32(s)
-                     - d[nn, U64(2) * blk + U64(1)] * float32(m) * float32(xq[b + U64(8)]))
+    b = U64(QW) * U64(u)
+    s = dp4a(U32(a[0] >> sh) & M4, xq[b], I32(0))
+    s = dp4a(U32(a[1] >> sh) & M4, xq[b + U64(1)], s)
+    s = dp4a(U32(a[2] >> sh) & M4, xq[b + U64(2)], s)
+    s = dp4a(U32(a[3] >> sh) & M4, xq[b + U64(3)], s)
+    s = dp4a(U32(a[4] >> sh) & M4, xq[b + U64(4)], s)
+    s = dp4a(U32(a[5] >> sh) & M4, xq[b + U64(5)], s)
+    s = dp4a(U32(a[6] >> sh) & M4, xq[b + U64(6)], s)
+    s = dp4a(U32(a[7] >> sh) & M4, xq[b + U64(7)], s)
+    return xd[u] * (w[3] * float32(sc) * float32(s) - w[4] * float32(m) * float32(xq[b + U64(8)]))
 
 
 @device
@@ -401,33 +471,43 @@ def _q6_codes(lo, hi, shl, shh):
 
 
 @device
-def _iunit_q6_k(q, d, n, xs, xd, xq, u):  # noqa: ARG001 (xs: the float units read it)
+def _ld_q6_k(q, d, n, u):
     uu, nn = U64(u), U64(n)
     blk = uu // U64(8)
-    j = u % 8
+    j = u % 8  # values 32j ..: half h = j // 4, quarter k = j % 4
     h, k = j // 4, j % 4
     o = U64(52) * blk
-    ol = o + U64(16 * h + 8 * (k % 2))
-    oh = o + U64(32 + 8 * h)
+    lo = _ld8(q, nn, o + U64(16 * h + 8 * (k % 2)))
+    hi = _ld8(q, nn, o + U64(32 + 8 * h))
+    return lo, hi, q[nn, o + U64(48) + U64(j // 2)], d[nn, blk], F0  # c: the int8 scales of two halves of 16
+
+
+@device
+def _dt_q6_k(w, xq, xd, u):
+    lo, hi, ws = w[0], w[1], w[2]
+    j = u % 8
+    k = j % 4
     shl, shh = U32(4 * (k // 2)), U32(2 * k)
-    b = U64(QW) * uu
-    sa = dp4a(_q6_codes(q[nn, ol], q[nn, oh], shl, shh), xq[b], I32(0))
-    for i in range(1, 4):
-        sa = dp4a(_q6_codes(q[nn, ol + U64(i)], q[nn, oh + U64(i)], shl, shh), xq[b + U64(i)], sa)
-    sb = dp4a(_q6_codes(q[nn, ol + U64(4)], q[nn, oh + U64(4)], shl, shh), xq[b + U64(4)], I32(0))
-    for i in range(5, 8):
-        sb = dp4a(_q6_codes(q[nn, ol + U64(i)], q[nn, oh + U64(i)], shl, shh), xq[b + U64(i)], sb)
-    ws = q[nn, o + U64(48) + U64(j // 2)]  # the int8 scales of the unit's two halves of 16
+    b = U64(QW) * U64(u)
+    sa = dp4a(_q6_codes(lo[0], hi[0], shl, shh), xq[b], I32(0))
+    sa = dp4a(_q6_codes(lo[1], hi[1], shl, shh), xq[b + U64(1)], sa)
+    sa = dp4a(_q6_codes(lo[2], hi[2], shl, shh), xq[b + U64(2)], sa)
+    sa = dp4a(_q6_codes(lo[3], hi[3], shl, shh), xq[b + U64(3)], sa)
+    sb = dp4a(_q6_codes(lo[4], hi[4], shl, shh), xq[b + U64(4)], I32(0))
+    sb = dp4a(_q6_codes(lo[5], hi[5], shl, shh), xq[b + U64(5)], sb)
+    sb = dp4a(_q6_codes(lo[6], hi[6], shl, shh), xq[b + U64(6)], sb)
+    sb = dp4a(_q6_codes(lo[7], hi[7], shl, shh), xq[b + U64(7)], sb)
     sh = 16 * (j % 2)
     sc_a = I32(I32(U32(ws << U32(24 - sh))) >> I32(24))
     sc_b = I32(I32(U32(ws << U32(16 - sh))) >> I32(24))
     ha = xq[b + U64(9)]  # codes are stored + 32: sum (c - 32) x = sum c x - 32 sum x, per half of 16
     hb = I32(xq[b + U64(8)] - ha)
-    return d[nn, blk] * xd[uu] * float32(I32(sc_a * I32(sa - I32(32) * ha) + sc_b * I32(sb - I32(32) * hb)))
+    return w[3] * xd[u] * float32(I32(sc_a * I32(sa - I32(32) * ha) + sc_b * I32(sb - I32(32) * hb)))
 
 
-INT_UNITS = {"q4_0": _iunit_q4_0, "q4_1": _iunit_q4_1, "q5_0": _iunit_q5_0, "q5_1": _iunit_q5_1,
-             "q8_0": _iunit_q8_0, "q4_k": _iunit_q4_k, "q6_k": _iunit_q6_k}
+INT_UNITS = {"q4_0": (_ld_q4_0, _dt_q4_0), "q4_1": (_ld_q4_1, _dt_q4_1), "q5_0": (_ld_q5_0, _dt_q5_0),
+             "q5_1": (_ld_q5_1, _dt_q5_1), "q8_0": (_ld_q8_0, _dt_q8_0), "q4_k": (_ld_q4_k, _dt_q4_k),
+             "q6_k": (_ld_q6_k, _dt_q6_k)}
 
 
 def stage_units(K: int) -> int:
@@ -449,42 +529,45 @@ def gemv1_kernel(types: tuple, mode: int, glu: int, K: int, int8: bool = True):
     kern = _GEMV1.get(key)
     if kern is None:
         fmts = tuple(GPU_FORMATS[t] for t in types)
-        kern = _GEMV1[key] = _make_gemv1((fmts + (fmts[0],) * 2)[:3], mode, glu, key[3], int8)
+        fmts = (fmts + (fmts[0],) * 2)[:3]
+        kern = _GEMV1[key] = (_make_gemv1_i8 if int8 else _make_gemv1)(fmts, mode, glu, key[3])
     return kern
 
 
-def _make_gemv1(fmts, mode, glu, units, int8):
-    unit1, unit2, unit3 = (_unit_fn(f, int8) for f in fmts)
-    need_sum = not int8 and any(f.name in _NEEDS_SUM for f in fmts)
+@device
+def _stage_value(mode, x, x2, nw, k):
+    """in(x)[k] without RMSNorm's 1/rms (it scales the dot products instead), and x[k] (for the sum of squares)."""
+    xv = x[k]
+    if mode == RMS:
+        return xv * nw[k], xv
+    if mode == SWIGLU:
+        return silu(xv) * x2[k], xv
+    if mode == GEGLU:
+        return gelu_tanh(xv) * x2[k], xv
+    return xv, xv
+
+
+def _make_gemv1(fmts, mode, glu, units):
+    unit1, unit2, unit3 = (_unit_fn(f) for f in fmts)
+    need_sum = any(f.name in _NEEDS_SUM for f in fmts)
     n_stage = (UNIT + 1) * units  # one padding word a unit: lane l reading unit l hits bank l + i
-    n_q = QW * units if int8 else 1
 
     @kernel
     def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
         xs = cuda.shared.array(n_stage, float32)
         xsum = cuda.shared.array(units, float32)
-        xq = cuda.shared.array(n_q, int32)
         red = cuda.shared.array(32, float32)
         pa = cuda.shared.array(WARPS1, float32)
         pb = cuda.shared.array(WARPS1, float32)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
-        # Stage in(x) without RMSNorm's 1/rms, which scales the dot products instead: one pass over x, four
-        # loads a thread a step (clamped in range, stored only when in range) so they are in flight together.
+        # one pass over x, four loads a thread a step (clamped in range, stored only when in range) so they are
+        # in flight together
         ssq = float32(0.0)
         for k0 in range(tid, K, 4 * nt):
             for j in range(4):
                 k = k0 + j * nt
-                kk = min(k, K - 1)
-                xv = x[kk]
-                if mode == RMS:
-                    val = xv * nw[kk]
-                elif mode == SWIGLU:
-                    val = silu(xv) * x2[kk]
-                elif mode == GEGLU:
-                    val = gelu_tanh(xv) * x2[kk]
-                else:
-                    val = xv
+                val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
                 if k < K:
                     ssq += xv * xv
                     xs[(UNIT + 1) * (k // UNIT) + k % UNIT] = val
@@ -495,10 +578,6 @@ def _make_gemv1(fmts, mode, glu, units, int8):
                 for i in range(UNIT):
                     t += xs[(UNIT + 1) * uq + i]
                 xsum[uq] = t
-        if int8:  # each unit to int8 codes, a thread a unit (RMSNorm's 1/rms left out: the scale is per unit)
-            cuda.syncthreads()
-            for uq in range(tid, K // UNIT, nt):
-                _quantize_unit(xs, xsum, xq, uq)
         rs = float32(1.0)
         if mode == RMS:
             rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
@@ -518,31 +597,18 @@ def _make_gemv1(fmts, mode, glu, units, int8):
             b = float32(0.0)
             if glu:
                 for u in range(u0, nu, step):  # both weights' loads in one iteration
-                    a += unit1(q1, d1, rr, xs, xsum, xq, u)
-                    b += unit2(q2, d2, rr, xs, xsum, xq, u)
+                    a += unit1(q1, d1, rr, xs, xsum, u)
+                    b += unit2(q2, d2, rr, xs, xsum, u)
             elif rr < n1:
                 for u in range(u0, nu, step):
-                    a += unit1(q1, d1, rr, xs, xsum, xq, u)
+                    a += unit1(q1, d1, rr, xs, xsum, u)
             elif rr < n1 + n2:
                 for u in range(u0, nu, step):
-                    a += unit2(q2, d2, rr - n1, xs, xsum, xq, u)
+                    a += unit2(q2, d2, rr - n1, xs, xsum, u)
             else:
                 for u in range(u0, nu, step):
-                    a += unit3(q3, d3, rr - n1 - n2, xs, xsum, xq, u)
-            a = warp_sum(a)
-            if glu:
-                b = warp_sum(b)
-            if S > 1:
-                if lane == 0:
-                    pa[warp] = a
-                    pb[warp] = b
-                cuda.syncthreads()
-                a = float32(0.0)
-                b = float32(0.0)
-                for j in range(S):
-                    a += pa[warp - sub + j]
-                    b += pb[warp - sub + j]
-                cuda.syncthreads()
+                    a += unit3(q3, d3, rr - n1 - n2, xs, xsum, u)
+            a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
             if sub == 0 and lane == 0 and r < rows:
                 _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
 
@@ -550,28 +616,141 @@ def _make_gemv1(fmts, mode, glu, units, int8):
 
 
 @device
-def _quantize_unit(xs, xsum, xq, uq):
-    """Unit uq of the staged input xs to QW words of xq (codes, their sum, the first half's) and its scale."""
-    b = U64(UNIT + 1) * U64(uq)
-    amax = float32(0.0)
-    for i in range(UNIT):
-        amax = max(amax, abs(xs[b + U64(i)]))
-    inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
-    o = U64(QW) * U64(uq)
-    total = I32(0)
-    half = I32(0)
-    for w in range(8):
-        word = U32(0)
-        for j in range(4):
-            c = I32(round(xs[b + U64(4 * w + j)] * inv))  # round half to even, as Q8_0's x86 quantizer
-            total += c
-            word |= U32(U32(c) & U32(255)) << U32(8 * j)
-        xq[o + U64(w)] = I32(word)
-        if w == 3:
-            half = total
-    xq[o + U64(8)] = total
-    xq[o + U64(9)] = half
-    xsum[uq] = amax / float32(127.0)
+def _row_sums(a, b, glu, S, pa, pb, warp, sub, lane):
+    """A row's partial sums over its S warps (every thread of the block calls this as often)."""
+    a = warp_sum(a)
+    if glu:
+        b = warp_sum(b)
+    if S > 1:
+        if lane == 0:
+            pa[warp] = a
+            pb[warp] = b
+        cuda.syncthreads()
+        a = float32(0.0)
+        b = float32(0.0)
+        for j in range(S):
+            a += pa[warp - sub + j]
+            b += pb[warp - sub + j]
+        cuda.syncthreads()
+    return a, b
+
+
+def _make_gemv1_i8(fmts, mode, glu, units):
+    """The decode GEMV on int8 activations. A lane's work is a sequence of (row, unit) items: the rows of the
+    block's grid-stride loop, each with the units u0, u0 + 32 S, ... of the lane. Its first item's weights are
+    loaded before the input is staged, and each item's loads go out before the previous item is dotted."""
+    (ld1, dt1), (ld2, dt2), (ld3, dt3) = (INT_UNITS[f.name] for f in fmts)
+    n_xs, n_q = UNIT * units, QW * units  # shared array sizes must be literals
+
+    @device
+    def load(q1, d1, q2, d2, q3, d3, n1, n2, rr, u):
+        """(weight 1 or the row's weight, weight 2 when gated) of row rr, unit u."""
+        if glu:
+            return ld1(q1, d1, rr, u), ld2(q2, d2, rr, u)
+        if rr < n1:
+            wa = ld1(q1, d1, rr, u)
+        elif rr < n1 + n2:
+            wa = ld2(q2, d2, rr - n1, u)
+        else:
+            wa = ld3(q3, d3, rr - n1 - n2, u)
+        return wa, wa
+
+    @kernel
+    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
+        xs = cuda.shared.array(n_xs, float32)
+        xd = cuda.shared.array(units, float32)
+        xq = cuda.shared.array(n_q, int32)
+        part = cuda.shared.array(WARPS1, float32)
+        pa = cuda.shared.array(WARPS1, float32)
+        pb = cuda.shared.array(WARPS1, float32)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        warp = tid // 32
+        lane = tid % 32
+        n_warps = nt // 32
+        sub = warp % S
+        per = n_warps // S  # rows a block takes a step
+        rows = n1 if glu else n1 + n2 + n3
+        nu = K // UNIT
+        u0 = sub * 32 + lane
+        step = 32 * S
+        n_u = (nu + step - 1) // step  # units a lane takes a row (lanes past the row's end skip theirs)
+        g0, gs = cuda.blockIdx.x, cuda.gridDim.x
+        n_items = ((rows + per - 1) // per - g0 + gs - 1) // gs * n_u
+
+        # the first item's weights: in flight while the input is staged
+        w = load(q1, d1, q2, d2, q3, d3, n1, n2, min(g0 * per + warp // S, rows - 1), min(u0, nu - 1))
+
+        # stage in(x): coalesced loads, four a thread a step so they are in flight together
+        ssq = float32(0.0)
+        for k0 in range(tid, K, 4 * nt):
+            for j in range(4):
+                k = k0 + j * nt
+                val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
+                if k < K:
+                    ssq += xv * xv
+                    xs[k] = val
+        ssq = warp_sum(ssq)
+        if lane == 0:
+            part[warp] = ssq
+        cuda.syncthreads()
+        # a warp a unit, a lane a value: codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer)
+        for i in range((nu + n_warps - 1) // n_warps):
+            uq = warp + i * n_warps
+            v = xs[UNIT * min(uq, nu - 1) + lane]
+            amax = warp_max(abs(v))
+            inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+            c = I32(round(v * inv))
+            word = quad_or(I32(U32(U32(c) & U32(255)) << U32(8 * (lane % 4))))
+            total = I32(warp_sum(c))
+            half = I32(warp_sum(c if lane < 16 else I32(0)))
+            if uq < nu:
+                o = QW * uq
+                if lane % 4 == 0:
+                    xq[o + lane // 4] = word
+                if lane == 0:
+                    xq[o + 8] = total
+                    xq[o + 9] = half
+                    xd[uq] = amax / float32(127.0)
+        cuda.syncthreads()
+        rs = float32(1.0)
+        if mode == RMS:
+            t = float32(0.0)
+            for i in range(n_warps):
+                t += part[i]
+            rs = 1.0 / math.sqrt(t / K + eps)
+
+        a = float32(0.0)
+        b = float32(0.0)
+        for item in range(n_items):
+            ri = item // n_u
+            j = item - ri * n_u
+            r = (g0 + ri * gs) * per + warp // S
+            rr = min(r, rows - 1)
+            u = u0 + j * step
+            nxt = item + 1 if item + 1 < n_items else item
+            rn = nxt // n_u
+            wn = load(q1, d1, q2, d2, q3, d3, n1, n2, min((g0 + rn * gs) * per + warp // S, rows - 1),
+                      min(u0 + (nxt - rn * n_u) * step, nu - 1))
+            if u < nu:
+                if glu:
+                    a += dt1(w[0], xq, xd, u)
+                    b += dt2(w[1], xq, xd, u)
+                elif rr < n1:
+                    a += dt1(w[0], xq, xd, u)
+                elif rr < n1 + n2:
+                    a += dt2(w[0], xq, xd, u)
+                else:
+                    a += dt3(w[0], xq, xd, u)
+            w = wn
+            if j == n_u - 1:  # the row's last unit (the same item for every thread of the block)
+                a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
+                if sub == 0 and lane == 0 and r < rows:
+                    _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
+                a = float32(0.0)
+                b = float32(0.0)
+
+    return gemv1
 
 
 @device
