@@ -151,6 +151,64 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
     return out
 
 
+def _base_matvec(base: str):
+    """kernels_cuda.matvec of another checkout (e.g. `git archive HEAD~1 | tar -x -C .base`), as base_kc."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("base_kc", os.path.join(base, "kernels_cuda", "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(base, "kernels_cuda")])
+    sys.modules["base_kc"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["base_kc"])
+    import base_kc.matvec
+
+    return base_kc.matvec
+
+
+def bench_gemv_variants(be, cases, reps: int, base: str | None = None) -> list[dict]:
+    """The int8 decode GEMV's I8Variant flags (prefetch, group, one_pass), each at the default launch shape,
+    checked against the default variant and timed over weight copies past L2 as bench_gemv does; with `base`,
+    that checkout's decode GEMV first (same launch shape)."""
+    rng = np.random.default_rng(1)
+    variants = [mv.I8Variant(*f) for f in ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1), (0, 0, 0))]
+    old = _base_matvec(base) if base else None
+    out = []
+    be.int8_decode = True
+    for name, type, n, k, gated in cases:
+        nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
+        copies = 1 if SIM else max(1, min(reps, -(-160_000_000 // nbytes)))
+        sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
+        x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
+        ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
+        items = []
+        for ws in sets:
+            d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
+            if gated:
+                d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
+            items.append(d.item(be))
+        ref, rows = None, []
+        types = (type,) * (2 if gated else 1)
+        for v in ([None] if old else []) + variants:
+            if v is None:
+                kern = old.gemv1_kernel(types, mv.PLAIN, mv.SWIGLU if gated else 0, k, True)
+                v = mv.I8Variant(False, False, False)._replace(prefetch=-1)  # printed as the base
+            else:
+                kern = mv.gemv1_kernel(types, mv.PLAIN, mv.SWIGLU if gated else 0, k, True, v)
+            launch = [(kern, grid, block, args) for _, grid, block, args in items]
+            be.queue.run_eager(launch[:1])
+            cuda.synchronize()
+            y = ys[-1].buf.copy_to_host()
+            ref = y if ref is None else ref
+            err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
+            us = time_items(be, launch, max(1, reps // len(launch))) / len(launch)
+            rows.append({"variant": v._asdict(), "us": round(us, 2), "GB/s": round(nbytes / us / 1e3, 1),
+                         "max_rel_err": err, "registers": _regs(kern)})
+            label = "base" if v.prefetch == -1 else f"prefetch {v.prefetch:d} group {v.group:d} one_pass {v.one_pass:d}"
+            print(f"{name:28} {label:30}: {us:7.2f} us "
+                  f"({nbytes / us / 1e3:6.0f} GB/s), registers {_regs(kern)}, err {err:.1e}", flush=True)
+        out.append({"case": name, "type": type, "rows": n, "K": k, "gated": gated, "variants": rows})
+    return out
+
+
 def _regs(kern):
     if SIM:
         return "n/a"
@@ -364,10 +422,11 @@ def bench_attend(be, cases, tokens: int, pos0: int, reps: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["gemv", "attend"])
+    ap.add_argument("--only", choices=["gemv", "variants", "attend"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="tiny shapes, correctness only (the simulator)")
     ap.add_argument("--json", type=str)
+    ap.add_argument("--base", type=str, help="variants: also time this checkout's decode GEMV")
     args = ap.parse_args()
     be = CudaBackend(cache_type="f16")
     small = args.check or SIM
@@ -375,6 +434,8 @@ def main() -> int:
     res = {"device": name.decode() if isinstance(name, bytes) else name}
     if args.only in (None, "gemv"):
         res["gemv"] = bench_gemv(be, GEMV_SIM if small else GEMV_CASES, args.reps)
+    if args.only in (None, "variants"):
+        res["variants"] = bench_gemv_variants(be, GEMV_SIM if small else GEMV_CASES, args.reps, args.base)
     if args.only in (None, "attend"):
         res["attend"] = bench_attend(be, ATTEND_SIM if small else ATTEND_CASES, 9 if small else 512,
                                      3 if small else 0, args.reps)

@@ -9,7 +9,8 @@ helpers here pick their implementation once, at import, from `SIM`; both compute
     device   a @cuda.jit device function (inlined by LLVM into its callers)
 
 Reductions: `warp_sum` / `warp_max` reduce over the 32 lanes of a warp, `quad_or` ORs int32 words over
-each group of four lanes (4m .. 4m + 3); every thread of the block must call them the same number of times (the simulator's version uses a barrier).
+each group of four lanes (4m .. 4m + 3), `group_max` / `group_isum` (an int32 sum) reduce over each group of g
+lanes (g a power of two up to 32); every thread of the block must call them the same number of times (the simulator's version uses a barrier).
 """
 
 from __future__ import annotations
@@ -68,6 +69,32 @@ if SIM:
         cuda.syncthreads()
         return r
 
+    @device
+    def group_max(v, g):
+        buf = cuda.shared.array(1024, dtype="float32")
+        tid = cuda.threadIdx.x + cuda.threadIdx.y * cuda.blockDim.x
+        buf[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % g
+        m = buf[base]
+        for i in range(1, g):
+            m = max(m, buf[base + i])
+        cuda.syncthreads()
+        return m
+
+    @device
+    def group_isum(v, g):
+        buf = cuda.shared.array(1024, dtype="int32")
+        tid = cuda.threadIdx.x + cuda.threadIdx.y * cuda.blockDim.x
+        buf[tid] = v
+        cuda.syncthreads()
+        base = tid - tid % g
+        s = 0
+        for i in range(g):
+            s += buf[base + i]
+        cuda.syncthreads()
+        return s
+
 else:
 
     @device
@@ -86,6 +113,22 @@ else:
     def quad_or(v):
         v |= cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
         return v | cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
+
+    @device
+    def group_max(v, g):
+        m = 1
+        while m < g:
+            v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, m))
+            m *= 2
+        return v
+
+    @device
+    def group_isum(v, g):
+        m = 1
+        while m < g:
+            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, m)
+            m *= 2
+        return v
 
 
 @device

@@ -24,12 +24,13 @@ h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, int32
 
 from .isa import dp4a
-from .jit import SIM, block_sum, device, gelu_tanh, kernel, quad_or, silu, warp_max, warp_sum
+from .jit import SIM, block_sum, device, gelu_tanh, group_isum, group_max, kernel, silu, warp_sum
 from .quants import GPU_FORMATS
 
 PLAIN, RMS, SWIGLU, GEGLU = range(4)
@@ -521,16 +522,21 @@ def stage_units(K: int) -> int:
 _GEMV1: dict = {}
 
 
-def gemv1_kernel(types: tuple, mode: int, glu: int, K: int, int8: bool = True):
+def gemv1_kernel(types: tuple, mode: int, glu: int, K: int, int8: bool = True, variant: "I8Variant | None" = None):
     """The decode GEMV over weights of `types` (1-3), input `mode`, gated by `glu` (0, SWIGLU or GEGLU), for
     rows of K values (K <= STAGE); on int8 activations (dp4a) when `int8` and every type has an int8 unit."""
     int8 = bool(int8) and all(t in INT_UNITS for t in types)
-    key = (types, mode, glu, stage_units(K), int8)
+    variant = (variant or I8_DEFAULT) if int8 else None
+    key = (types, mode, glu, stage_units(K), int8, variant)
     kern = _GEMV1.get(key)
     if kern is None:
         fmts = tuple(GPU_FORMATS[t] for t in types)
         fmts = (fmts + (fmts[0],) * 2)[:3]
-        kern = _GEMV1[key] = (_make_gemv1_i8 if int8 else _make_gemv1)(fmts, mode, glu, key[3])
+        if int8:
+            kern = _make_gemv1_i8(fmts, mode, glu, key[3], variant)
+        else:
+            kern = _make_gemv1(fmts, mode, glu, key[3])
+        _GEMV1[key] = kern
     return kern
 
 
@@ -635,12 +641,25 @@ def _row_sums(a, b, glu, S, pa, pb, warp, sub, lane):
     return a, b
 
 
-def _make_gemv1_i8(fmts, mode, glu, units):
+class I8Variant(NamedTuple):
+    """How the int8 decode GEMV stages its input and meets its weights (bench/kernels_cuda.py times each)."""
+    prefetch: bool = True  # the first item's weights loaded before staging, each next item's before this dot
+    group: bool = True  # units quantized by groups of 32 / (values a thread) threads; else a thread a unit
+    one_pass: bool = True  # the input's loads all issued before any is used; else four a thread at a time
+
+
+I8_DEFAULT = I8Variant()
+
+
+def _make_gemv1_i8(fmts, mode, glu, units, variant=I8_DEFAULT):
     """The decode GEMV on int8 activations. A lane's work is a sequence of (row, unit) items: the rows of the
-    block's grid-stride loop, each with the units u0, u0 + 32 S, ... of the lane. Its first item's weights are
-    loaded before the input is staged, and each item's loads go out before the previous item is dotted."""
+    block's grid-stride loop, each with the units u0, u0 + 32 S, ... of the lane (see I8Variant)."""
     (ld1, dt1), (ld2, dt2), (ld3, dt3) = (INT_UNITS[f.name] for f in fmts)
-    n_xs, n_q = UNIT * units, QW * units  # shared array sizes must be literals
+    prefetch, group, one_pass = variant
+    n_xs, n_q = (UNIT + 1) * units, QW * units  # shared array sizes must be literals
+    n_ld = max(4, -(-UNIT * units // 256)) if one_pass else 4  # input loads in flight a thread (<= 256 a block)
+    g = max(1, min(8, 256 // units)) if group else 1  # threads a unit when quantizing
+    vpt = UNIT // g  # values a thread quantizes
 
     @device
     def load(q1, d1, q2, d2, q3, d3, n1, n2, rr, u):
@@ -654,6 +673,17 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         else:
             wa = ld3(q3, d3, rr - n1 - n2, u)
         return wa, wa
+
+    @device
+    def dot(w, xq, xd, u, rr, n1, n2):
+        """(weight 1's or the row's weight's dot, weight 2's when gated) of unit u."""
+        if glu:
+            return dt1(w[0], xq, xd, u), dt2(w[1], xq, xd, u)
+        if rr < n1:
+            return dt1(w[0], xq, xd, u), float32(0.0)
+        if rr < n1 + n2:
+            return dt2(w[0], xq, xd, u), float32(0.0)
+        return dt3(w[0], xq, xd, u), float32(0.0)
 
     @kernel
     def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
@@ -677,41 +707,66 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         n_u = (nu + step - 1) // step  # units a lane takes a row (lanes past the row's end skip theirs)
         g0, gs = cuda.blockIdx.x, cuda.gridDim.x
         n_items = ((rows + per - 1) // per - g0 + gs - 1) // gs * n_u
+        r0 = g0 * per + warp // S
 
-        # the first item's weights: in flight while the input is staged
-        w = load(q1, d1, q2, d2, q3, d3, n1, n2, min(g0 * per + warp // S, rows - 1), min(u0, nu - 1))
+        if prefetch:  # the first item's weights, in flight while the input is staged
+            w = load(q1, d1, q2, d2, q3, d3, n1, n2, min(r0, rows - 1), min(u0, nu - 1))
 
-        # stage in(x): coalesced loads, four a thread a step so they are in flight together
+        # stage in(x) (RMSNorm's 1/rms left out: it scales the dot products): coalesced loads, n_ld a thread
+        # issued before any is used
         ssq = float32(0.0)
-        for k0 in range(tid, K, 4 * nt):
-            for j in range(4):
+        xb = cuda.local.array(n_ld, float32)
+        for k0 in range(tid, K, n_ld * nt):
+            for j in range(n_ld):
+                xb[j] = x[min(k0 + j * nt, K - 1)]
+            for j in range(n_ld):
                 k = k0 + j * nt
-                val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
                 if k < K:
+                    xv = xb[j]
                     ssq += xv * xv
-                    xs[k] = val
+                    ks = k + k // UNIT  # a padding word a unit: the quantizing threads' reads never conflict
+                    if mode == RMS:
+                        xs[ks] = xv * nw[k]
+                    elif mode == SWIGLU:
+                        xs[ks] = silu(xv) * x2[k]
+                    elif mode == GEGLU:
+                        xs[ks] = gelu_tanh(xv) * x2[k]
+                    else:
+                        xs[ks] = xv
         ssq = warp_sum(ssq)
         if lane == 0:
             part[warp] = ssq
         cuda.syncthreads()
-        # a warp a unit, a lane a value: codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer)
-        for i in range((nu + n_warps - 1) // n_warps):
-            uq = warp + i * n_warps
-            v = xs[UNIT * min(uq, nu - 1) + lane]
-            amax = warp_max(abs(v))
+        # codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer), g threads a unit, vpt values a
+        # thread, every thread the same number of passes
+        for p0 in range(0, nu * g, nt):
+            sl = p0 + tid
+            uq = min(sl // g, nu - 1)
+            i0 = vpt * (sl % g)
+            o = (UNIT + 1) * uq + i0
+            amax = float32(0.0)
+            for i in range(vpt):
+                amax = max(amax, abs(xs[o + i]))
+            amax = group_max(amax, g)
             inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
-            c = I32(round(v * inv))
-            word = quad_or(I32(U32(U32(c) & U32(255)) << U32(8 * (lane % 4))))
-            total = I32(warp_sum(c))
-            half = I32(warp_sum(c if lane < 16 else I32(0)))
-            if uq < nu:
-                o = QW * uq
-                if lane % 4 == 0:
-                    xq[o + lane // 4] = word
-                if lane == 0:
-                    xq[o + 8] = total
-                    xq[o + 9] = half
-                    xd[uq] = amax / float32(127.0)
+            tot = I32(0)
+            half = I32(0)
+            for wi in range(vpt // 4):
+                word = U32(0)
+                for j in range(4):
+                    c = I32(round(xs[o + 4 * wi + j] * inv))
+                    tot += c
+                    if i0 + 4 * wi + j < 16:
+                        half += c
+                    word |= U32(U32(c) & U32(255)) << U32(8 * j)
+                if sl < nu * g:
+                    xq[QW * uq + i0 // 4 + wi] = I32(word)
+            tot = group_isum(tot, g)
+            half = group_isum(half, g)
+            if sl < nu * g and i0 == 0:
+                xq[QW * uq + 8] = tot
+                xq[QW * uq + 9] = half
+                xd[uq] = amax / float32(127.0)
         cuda.syncthreads()
         rs = float32(1.0)
         if mode == RMS:
@@ -725,24 +780,22 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         for item in range(n_items):
             ri = item // n_u
             j = item - ri * n_u
-            r = (g0 + ri * gs) * per + warp // S
+            r = r0 + ri * gs * per
             rr = min(r, rows - 1)
             u = u0 + j * step
-            nxt = item + 1 if item + 1 < n_items else item
-            rn = nxt // n_u
-            wn = load(q1, d1, q2, d2, q3, d3, n1, n2, min((g0 + rn * gs) * per + warp // S, rows - 1),
-                      min(u0 + (nxt - rn * n_u) * step, nu - 1))
+            if prefetch:  # the next item's loads before this item's dot
+                nxt = item + 1 if item + 1 < n_items else item
+                rn = nxt // n_u
+                wn = load(q1, d1, q2, d2, q3, d3, n1, n2, min(r0 + rn * gs * per, rows - 1),
+                          min(u0 + (nxt - rn * n_u) * step, nu - 1))
+            else:
+                w = load(q1, d1, q2, d2, q3, d3, n1, n2, rr, min(u, nu - 1))
             if u < nu:
-                if glu:
-                    a += dt1(w[0], xq, xd, u)
-                    b += dt2(w[1], xq, xd, u)
-                elif rr < n1:
-                    a += dt1(w[0], xq, xd, u)
-                elif rr < n1 + n2:
-                    a += dt2(w[0], xq, xd, u)
-                else:
-                    a += dt3(w[0], xq, xd, u)
-            w = wn
+                da, db = dot(w, xq, xd, u, rr, n1, n2)
+                a += da
+                b += db
+            if prefetch:
+                w = wn
             if j == n_u - 1:  # the row's last unit (the same item for every thread of the block)
                 a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
                 if sub == 0 and lane == 0 and r < rows:
