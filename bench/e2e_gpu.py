@@ -21,7 +21,6 @@ import contextlib
 import importlib.util
 import json
 import lzma
-import os
 import shutil
 import sys
 import time
@@ -90,12 +89,6 @@ def run_pyquant(gguf: Path, backend: str, n_pp: int, n_tg: int) -> dict:
     from pyquant.model import Transformer
 
     be = make_backend(backend)
-    variant = os.environ.get("PYQUANT_I8_VARIANT")  # e.g. "110": I8Variant flags, for a measurement run
-    if variant and backend == "cuda":
-        from kernels_cuda import matvec
-
-        matvec.I8_DEFAULT = matvec.I8Variant(*(c == "1" for c in variant))
-        log("I8 variant", matvec.I8_DEFAULT)
     m = Transformer(GGUFFile(gguf), be)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, m.hp.n_vocab, n_pp)

@@ -1,6 +1,8 @@
 """CUDA kernel variants on the real models' shapes, each checked before it is timed (one device call).
 
     python bench/kernels_cuda.py [--only gemv|attend] [--reps 20] [--json OUT]
+    python bench/kernels_cuda.py --only gemv --base DIR     (DIR's int8 decode GEMV against this one's instead of
+                                                             the launch-shape sweep; DIR: e.g. git archive HEAD~1)
     NUMBA_ENABLE_CUDASIM=1 python bench/kernels_cuda.py --check     (tiny shapes, correctness only)
 
 Times come from a CUDA graph of `reps` copies of one launch, replayed 5 times (no host launch gaps), as
@@ -164,13 +166,11 @@ def _base_matvec(base: str):
     return base_kc.matvec
 
 
-def bench_gemv_variants(be, cases, reps: int, base: str | None = None) -> list[dict]:
-    """The int8 decode GEMV's I8Variant flags (prefetch, group, one_pass), each at the default launch shape,
-    checked against the default variant and timed over weight copies past L2 as bench_gemv does; with `base`,
-    that checkout's decode GEMV first (same launch shape)."""
+def bench_gemv_base(be, cases, reps: int, base: str) -> list[dict]:
+    """The int8 decode GEMV of another checkout beside this one's, each at this checkout's default launch shape,
+    checked against each other and timed over weight copies past L2 as bench_gemv does."""
     rng = np.random.default_rng(1)
-    variants = [mv.I8Variant(*f) for f in ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1), (0, 0, 0))]
-    old = _base_matvec(base) if base else None
+    old = _base_matvec(base)
     out = []
     be.int8_decode = True
     for name, type, n, k, gated in cases:
@@ -185,14 +185,9 @@ def bench_gemv_variants(be, cases, reps: int, base: str | None = None) -> list[d
             if gated:
                 d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
             items.append(d.item(be))
-        ref, rows = None, []
-        types = (type,) * (2 if gated else 1)
-        for v in ([None] if old else []) + variants:
-            if v is None:
-                kern = old.gemv1_kernel(types, mv.PLAIN, mv.SWIGLU if gated else 0, k, True)
-                v = mv.I8Variant(False, False, False)._replace(prefetch=-1)  # printed as the base
-            else:
-                kern = mv.gemv1_kernel(types, mv.PLAIN, mv.SWIGLU if gated else 0, k, True, v)
+        ref, row = None, {"case": name, "type": type, "rows": n, "K": k, "gated": gated}
+        for side, module in (("base", old), ("this", mv)):
+            kern = module.gemv1_kernel((type,) * (2 if gated else 1), mv.PLAIN, mv.SWIGLU if gated else 0, k, True)
             launch = [(kern, grid, block, args) for _, grid, block, args in items]
             be.queue.run_eager(launch[:1])
             cuda.synchronize()
@@ -200,12 +195,13 @@ def bench_gemv_variants(be, cases, reps: int, base: str | None = None) -> list[d
             ref = y if ref is None else ref
             err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
             us = time_items(be, launch, max(1, reps // len(launch))) / len(launch)
-            rows.append({"variant": v._asdict(), "us": round(us, 2), "GB/s": round(nbytes / us / 1e3, 1),
-                         "max_rel_err": err, "registers": _regs(kern)})
-            label = "base" if v.prefetch == -1 else f"prefetch {v.prefetch:d} group {v.group:d} one_pass {v.one_pass:d}"
-            print(f"{name:28} {label:30}: {us:7.2f} us "
-                  f"({nbytes / us / 1e3:6.0f} GB/s), registers {_regs(kern)}, err {err:.1e}", flush=True)
-        out.append({"case": name, "type": type, "rows": n, "K": k, "gated": gated, "variants": rows})
+            row[side] = {"us": round(us, 2), "GB/s": round(nbytes / us / 1e3, 1), "registers": _regs(kern),
+                         "max_rel_err": err}
+        b, t = row["base"], row["this"]
+        print(f"{name:28} base {b['us']:7.2f} us ({b['registers']} registers), this {t['us']:7.2f} us "
+              f"({t['registers']} registers, {t['GB/s']:6.0f} GB/s): {b['us'] / t['us']:.2f}x; err {t['max_rel_err']:.1e}",
+              flush=True)
+        out.append(row)
     return out
 
 
@@ -422,20 +418,20 @@ def bench_attend(be, cases, tokens: int, pos0: int, reps: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["gemv", "variants", "attend"])
+    ap.add_argument("--only", choices=["gemv", "attend"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="tiny shapes, correctness only (the simulator)")
     ap.add_argument("--json", type=str)
-    ap.add_argument("--base", type=str, help="variants: also time this checkout's decode GEMV")
+    ap.add_argument("--base", type=str, help="time that checkout's int8 decode GEMV beside this one's (gemv)")
     args = ap.parse_args()
     be = CudaBackend(cache_type="f16")
     small = args.check or SIM
     name = "simulator" if SIM else cuda.get_current_device().name
     res = {"device": name.decode() if isinstance(name, bytes) else name}
-    if args.only in (None, "gemv"):
+    if args.base:
+        res["gemv_base"] = bench_gemv_base(be, GEMV_SIM if small else GEMV_CASES, args.reps, args.base)
+    elif args.only in (None, "gemv"):
         res["gemv"] = bench_gemv(be, GEMV_SIM if small else GEMV_CASES, args.reps)
-    if args.only in (None, "variants"):
-        res["variants"] = bench_gemv_variants(be, GEMV_SIM if small else GEMV_CASES, args.reps, args.base)
     if args.only in (None, "attend"):
         res["attend"] = bench_attend(be, ATTEND_SIM if small else ATTEND_CASES, 9 if small else 512,
                                      3 if small else 0, args.reps)

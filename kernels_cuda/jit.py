@@ -8,9 +8,9 @@ helpers here pick their implementation once, at import, from `SIM`; both compute
              and the integer kernels are exact)
     device   a @cuda.jit device function (inlined by LLVM into its callers)
 
-Reductions: `warp_sum` / `warp_max` reduce over the 32 lanes of a warp, `quad_or` ORs int32 words over
-each group of four lanes (4m .. 4m + 3), `group_max` / `group_isum` (an int32 sum) reduce over each group of g
-lanes (g a power of two up to 32); every thread of the block must call them the same number of times (the simulator's version uses a barrier).
+Reductions: `warp_sum` / `warp_max` reduce over the 32 lanes of a warp, `group_max` / `group_isum` (an int32
+sum) over each group of g lanes (g a power of two up to 32); every thread of the block must call them the
+same number of times (the simulator's versions use a barrier).
 """
 
 from __future__ import annotations
@@ -59,17 +59,6 @@ if SIM:
         return m
 
     @device
-    def quad_or(v):
-        buf = cuda.shared.array(1024, dtype="int32")
-        tid = cuda.threadIdx.x + cuda.threadIdx.y * cuda.blockDim.x
-        buf[tid] = v
-        cuda.syncthreads()
-        base = tid - tid % 4
-        r = buf[base] | buf[base + 1] | buf[base + 2] | buf[base + 3]
-        cuda.syncthreads()
-        return r
-
-    @device
     def group_max(v, g):
         buf = cuda.shared.array(1024, dtype="float32")
         tid = cuda.threadIdx.x + cuda.threadIdx.y * cuda.blockDim.x
@@ -108,11 +97,6 @@ else:
         for m in (16, 8, 4, 2, 1):
             v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, m))
         return v
-
-    @device
-    def quad_or(v):
-        v |= cuda.shfl_xor_sync(0xFFFFFFFF, v, 1)
-        return v | cuda.shfl_xor_sync(0xFFFFFFFF, v, 2)
 
     @device
     def group_max(v, g):

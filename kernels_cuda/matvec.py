@@ -24,7 +24,6 @@ h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, int32
@@ -292,11 +291,11 @@ def _unit_fn(fmt):
 # QW words a unit: 8 words of 4 codes, the sum of the 32 codes, the sum of the first 16 (q6_k's halves), a pad
 # word (QW = 11, coprime with the 32 banks: lane l reading unit l never conflicts). A weight word then meets
 # an activation word in one dp4a: about one instruction per value where the float units take 5 to 9.
-# Each format's unit is split in two: `_ld_*` issues the unit's weight loads and returns the raw words, and
-# `_dt_*` dots them with the staged activations. The kernel loads its next unit before it dots this one, and
-# its first unit before it stages the input, so a block's memory round trips overlap instead of adding up.
-# Every loader returns the same shape (words a, words b, word c, scale d0, scale d1; unused words are 0), so
-# q, k and v of different formats share one register set.
+# Each format's unit is split in two: `_ld_*` loads the unit's weight words and scales, `_dt_*` dots them
+# with the staged activations, so a gated pair's loads all go out before either dot. Every loader returns the
+# same shape (words a, words b, word c, scale d0, scale d1; unused words are 0). (Measured on an H100 and
+# dropped: loading each next unit before dotting this one, and the first before staging, cost 10-100 more
+# registers a thread and 5-70 % more time; bench/kernels_cuda.py --base compares kernels.)
 
 QW = 11
 M4 = U32(0x0F0F0F0F)
@@ -522,21 +521,16 @@ def stage_units(K: int) -> int:
 _GEMV1: dict = {}
 
 
-def gemv1_kernel(types: tuple, mode: int, glu: int, K: int, int8: bool = True, variant: "I8Variant | None" = None):
+def gemv1_kernel(types: tuple, mode: int, glu: int, K: int, int8: bool = True):
     """The decode GEMV over weights of `types` (1-3), input `mode`, gated by `glu` (0, SWIGLU or GEGLU), for
     rows of K values (K <= STAGE); on int8 activations (dp4a) when `int8` and every type has an int8 unit."""
     int8 = bool(int8) and all(t in INT_UNITS for t in types)
-    variant = (variant or I8_DEFAULT) if int8 else None
-    key = (types, mode, glu, stage_units(K), int8, variant)
+    key = (types, mode, glu, stage_units(K), int8)
     kern = _GEMV1.get(key)
     if kern is None:
         fmts = tuple(GPU_FORMATS[t] for t in types)
         fmts = (fmts + (fmts[0],) * 2)[:3]
-        if int8:
-            kern = _make_gemv1_i8(fmts, mode, glu, key[3], variant)
-        else:
-            kern = _make_gemv1(fmts, mode, glu, key[3])
-        _GEMV1[key] = kern
+        kern = _GEMV1[key] = (_make_gemv1_i8 if int8 else _make_gemv1)(fmts, mode, glu, key[3])
     return kern
 
 
@@ -641,104 +635,40 @@ def _row_sums(a, b, glu, S, pa, pb, warp, sub, lane):
     return a, b
 
 
-class I8Variant(NamedTuple):
-    """How the int8 decode GEMV stages its input and meets its weights (bench/kernels_cuda.py times each)."""
-    prefetch: bool = True  # the first item's weights loaded before staging, each next item's before this dot
-    group: bool = True  # units quantized by groups of 32 / (values a thread) threads; else a thread a unit
-    one_pass: bool = True  # the input's loads all issued before any is used; else four a thread at a time
-
-
-I8_DEFAULT = I8Variant()
-
-
-def _make_gemv1_i8(fmts, mode, glu, units, variant=I8_DEFAULT):
-    """The decode GEMV on int8 activations. A lane's work is a sequence of (row, unit) items: the rows of the
-    block's grid-stride loop, each with the units u0, u0 + 32 S, ... of the lane (see I8Variant)."""
+def _make_gemv1_i8(fmts, mode, glu, units):
+    """The decode GEMV on int8 activations: the float kernel's staging and row loop, the staged input then
+    quantized by groups of g threads a unit (vpt values a thread, the unit's max and code sums reduced over the
+    group's lanes), so a short row's few units do not leave most of the block idle while one thread a unit
+    quantizes 32 values serially."""
     (ld1, dt1), (ld2, dt2), (ld3, dt3) = (INT_UNITS[f.name] for f in fmts)
-    prefetch, group, one_pass = variant
     n_xs, n_q = (UNIT + 1) * units, QW * units  # shared array sizes must be literals
-    n_ld = max(4, -(-UNIT * units // 256)) if one_pass else 4  # input loads in flight a thread (<= 256 a block)
-    g = max(1, min(8, 256 // units)) if group else 1  # threads a unit when quantizing
+    g = max(1, min(8, 256 // units))  # threads a unit: one pass of at most 256 threads over the longest row
     vpt = UNIT // g  # values a thread quantizes
-
-    @device
-    def load(q1, d1, q2, d2, q3, d3, n1, n2, rr, u):
-        """(weight 1 or the row's weight, weight 2 when gated) of row rr, unit u."""
-        if glu:
-            return ld1(q1, d1, rr, u), ld2(q2, d2, rr, u)
-        if rr < n1:
-            wa = ld1(q1, d1, rr, u)
-        elif rr < n1 + n2:
-            wa = ld2(q2, d2, rr - n1, u)
-        else:
-            wa = ld3(q3, d3, rr - n1 - n2, u)
-        return wa, wa
-
-    @device
-    def dot(w, xq, xd, u, rr, n1, n2):
-        """(weight 1's or the row's weight's dot, weight 2's when gated) of unit u."""
-        if glu:
-            return dt1(w[0], xq, xd, u), dt2(w[1], xq, xd, u)
-        if rr < n1:
-            return dt1(w[0], xq, xd, u), float32(0.0)
-        if rr < n1 + n2:
-            return dt2(w[0], xq, xd, u), float32(0.0)
-        return dt3(w[0], xq, xd, u), float32(0.0)
 
     @kernel
     def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
         xs = cuda.shared.array(n_xs, float32)
         xd = cuda.shared.array(units, float32)
         xq = cuda.shared.array(n_q, int32)
-        part = cuda.shared.array(WARPS1, float32)
+        red = cuda.shared.array(32, float32)
         pa = cuda.shared.array(WARPS1, float32)
         pb = cuda.shared.array(WARPS1, float32)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
-        warp = tid // 32
-        lane = tid % 32
-        n_warps = nt // 32
-        sub = warp % S
-        per = n_warps // S  # rows a block takes a step
-        rows = n1 if glu else n1 + n2 + n3
         nu = K // UNIT
-        u0 = sub * 32 + lane
-        step = 32 * S
-        n_u = (nu + step - 1) // step  # units a lane takes a row (lanes past the row's end skip theirs)
-        g0, gs = cuda.blockIdx.x, cuda.gridDim.x
-        n_items = ((rows + per - 1) // per - g0 + gs - 1) // gs * n_u
-        r0 = g0 * per + warp // S
-
-        if prefetch:  # the first item's weights, in flight while the input is staged
-            w = load(q1, d1, q2, d2, q3, d3, n1, n2, min(r0, rows - 1), min(u0, nu - 1))
-
-        # stage in(x) (RMSNorm's 1/rms left out: it scales the dot products): coalesced loads, n_ld a thread
-        # issued before any is used
+        # stage in(x) (RMSNorm's 1/rms left out: it scales the dot products), a padding word a unit so the
+        # quantizing threads' reads never conflict
         ssq = float32(0.0)
-        xb = cuda.local.array(n_ld, float32)
-        for k0 in range(tid, K, n_ld * nt):
-            for j in range(n_ld):
-                xb[j] = x[min(k0 + j * nt, K - 1)]
-            for j in range(n_ld):
+        for k0 in range(tid, K, 4 * nt):
+            for j in range(4):
                 k = k0 + j * nt
+                val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
                 if k < K:
-                    xv = xb[j]
                     ssq += xv * xv
-                    ks = k + k // UNIT  # a padding word a unit: the quantizing threads' reads never conflict
-                    if mode == RMS:
-                        xs[ks] = xv * nw[k]
-                    elif mode == SWIGLU:
-                        xs[ks] = silu(xv) * x2[k]
-                    elif mode == GEGLU:
-                        xs[ks] = gelu_tanh(xv) * x2[k]
-                    else:
-                        xs[ks] = xv
-        ssq = warp_sum(ssq)
-        if lane == 0:
-            part[warp] = ssq
+                    xs[k + k // UNIT] = val
         cuda.syncthreads()
-        # codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer), g threads a unit, vpt values a
-        # thread, every thread the same number of passes
+        # codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer); every thread takes the same
+        # number of passes (the group reductions are warp-wide)
         for p0 in range(0, nu * g, nt):
             sl = p0 + tid
             uq = min(sl // g, nu - 1)
@@ -767,41 +697,40 @@ def _make_gemv1_i8(fmts, mode, glu, units, variant=I8_DEFAULT):
                 xq[QW * uq + 8] = tot
                 xq[QW * uq + 9] = half
                 xd[uq] = amax / float32(127.0)
-        cuda.syncthreads()
         rs = float32(1.0)
         if mode == RMS:
-            t = float32(0.0)
-            for i in range(n_warps):
-                t += part[i]
-            rs = 1.0 / math.sqrt(t / K + eps)
-
-        a = float32(0.0)
-        b = float32(0.0)
-        for item in range(n_items):
-            ri = item // n_u
-            j = item - ri * n_u
-            r = r0 + ri * gs * per
+            rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
+        cuda.syncthreads()
+        warp = tid // 32
+        lane = tid % 32
+        sub = warp % S
+        per = (nt // 32) // S  # rows a block takes a step
+        rows = n1 if glu else n1 + n2 + n3
+        u0 = sub * 32 + lane
+        step = 32 * S
+        for it in range(cuda.blockIdx.x, (rows + per - 1) // per, cuda.gridDim.x):
+            r = it * per + warp // S
             rr = min(r, rows - 1)
-            u = u0 + j * step
-            if prefetch:  # the next item's loads before this item's dot
-                nxt = item + 1 if item + 1 < n_items else item
-                rn = nxt // n_u
-                wn = load(q1, d1, q2, d2, q3, d3, n1, n2, min(r0 + rn * gs * per, rows - 1),
-                          min(u0 + (nxt - rn * n_u) * step, nu - 1))
+            a = float32(0.0)
+            b = float32(0.0)
+            if glu:
+                for u in range(u0, nu, step):  # both weights' loads in one iteration
+                    wa = ld1(q1, d1, rr, u)
+                    wb = ld2(q2, d2, rr, u)
+                    a += dt1(wa, xq, xd, u)
+                    b += dt2(wb, xq, xd, u)
+            elif rr < n1:
+                for u in range(u0, nu, step):
+                    a += dt1(ld1(q1, d1, rr, u), xq, xd, u)
+            elif rr < n1 + n2:
+                for u in range(u0, nu, step):
+                    a += dt2(ld2(q2, d2, rr - n1, u), xq, xd, u)
             else:
-                w = load(q1, d1, q2, d2, q3, d3, n1, n2, rr, min(u, nu - 1))
-            if u < nu:
-                da, db = dot(w, xq, xd, u, rr, n1, n2)
-                a += da
-                b += db
-            if prefetch:
-                w = wn
-            if j == n_u - 1:  # the row's last unit (the same item for every thread of the block)
-                a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
-                if sub == 0 and lane == 0 and r < rows:
-                    _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
-                a = float32(0.0)
-                b = float32(0.0)
+                for u in range(u0, nu, step):
+                    a += dt3(ld3(q3, d3, rr - n1 - n2, u), xq, xd, u)
+            a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
+            if sub == 0 and lane == 0 and r < rows:
+                _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
 
     return gemv1
 
