@@ -121,7 +121,8 @@ def bench_gemv(be, cases, reps: int) -> list[dict]:
             rows = []
             for bps in (1, 2) if SIM else (2, 4, 8, 16):
                 for sp in sorted({1, 2, 4, 8, s0, -(-k // (32 * mv.UNIT))} - {0}):
-                    grid, block, _ = mv.gemv1_launch(n, k, be.n_sm, bps, sp)
+                    grid, block, _ = mv.gemv1_launch(n, k, be.n_sm, bps, sp,
+                                                     getattr(kern, "_pq_rows_per_warp", 1))
                     launch = [(kern, grid, block, a[:-1] + (sp,)) for _, _, _, a in items]
                     be.queue.run_eager(launch[:1])
                     cuda.synchronize()  # the reads go on the default stream, which does not wait for the queue's

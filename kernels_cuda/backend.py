@@ -69,8 +69,9 @@ class _Decode:
             flags |= mv.HAS_RES
         ns = [w.shape[0] for w in ws] + [0] * (3 - n)
         k = ws[0].shape[1]
-        grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm)
         kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu, k, be.int8_decode)
+        grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm,
+                                             rows_per_warp=getattr(kern, "_pq_rows_per_warp", 1))
         args = (*y3, w3[0].q, w3[0].d, w3[1].q, w3[1].d, w3[2].q, w3[2].d, *b3, src.buf, x2, nw, eps,
                 self.res.buf if self.res is not None else dummy, self.z.buf if self.z is not None else dummy,
                 flags, *ns, k, split)

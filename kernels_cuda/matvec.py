@@ -644,6 +644,7 @@ def _make_gemv1_i8(fmts, mode, glu, units):
     n_xs, n_q = (UNIT + 1) * units, QW * units  # shared array sizes must be literals
     g = max(1, min(8, 256 // units))  # threads a unit: one pass of at most 256 threads over the longest row
     vpt = UNIT // g  # values a thread quantizes
+    rpw = 2 if glu else 1  # rows a warp takes a step: a gated pair's four loads a lane go out together
 
     @kernel
     def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
@@ -708,17 +709,28 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         rows = n1 if glu else n1 + n2 + n3
         u0 = sub * 32 + lane
         step = 32 * S
-        for it in range(cuda.blockIdx.x, (rows + per - 1) // per, cuda.gridDim.x):
-            r = it * per + warp // S
+        for it in range(cuda.blockIdx.x, (rows + rpw * per - 1) // (rpw * per), cuda.gridDim.x):
+            r = it * rpw * per + warp // S
             rr = min(r, rows - 1)
             a = float32(0.0)
             b = float32(0.0)
-            if glu:
-                for u in range(u0, nu, step):  # both weights' loads in one iteration
+            if glu:  # rows r and r + per: both weights' loads of both rows in one iteration
+                r2 = r + per
+                rr2 = min(r2, rows - 1)
+                an = float32(0.0)
+                bn = float32(0.0)
+                for u in range(u0, nu, step):
                     wa = ld1(q1, d1, rr, u)
                     wb = ld2(q2, d2, rr, u)
+                    wa2 = ld1(q1, d1, rr2, u)
+                    wb2 = ld2(q2, d2, rr2, u)
                     a += dt1(wa, xq, xd, u)
                     b += dt2(wb, xq, xd, u)
+                    an += dt1(wa2, xq, xd, u)
+                    bn += dt2(wb2, xq, xd, u)
+                an, bn = _row_sums(an, bn, glu, S, pa, pb, warp, sub, lane)
+                if sub == 0 and lane == 0 and r2 < rows:
+                    _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r2, an * rs, bn * rs)
             elif rr < n1:
                 for u in range(u0, nu, step):
                     a += dt1(ld1(q1, d1, rr, u), xq, xd, u)
@@ -732,6 +744,7 @@ def _make_gemv1_i8(fmts, mode, glu, units):
             if sub == 0 and lane == 0 and r < rows:
                 _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
 
+    gemv1._pq_rows_per_warp = rpw  # gemv1_launch's `rows_per_warp`
     return gemv1
 
 
@@ -762,11 +775,13 @@ def _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b):
 
 
 def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_SM,
-                 split: int | None = None) -> tuple[int, int, int]:
+                 split: int | None = None, rows_per_warp: int = 1) -> tuple[int, int, int]:
     """(grid, block, S) of the decode GEMV: S warps a row while the rows give under 8 warps an SM and a lane
     still has a unit of 32 values (more warps a row measured slower for 896 rows of 4864: each block stages
     the whole input); the grid covers the rows in one step up to `blocks_per_sm` blocks an SM, which then
-    loop. (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
+    loop. A kernel whose warps take two rows a step (the int8 gated pair) says so in `_pq_rows_per_warp`.
+    (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
+    rows = -(-rows // rows_per_warp)
     nu, s = K // UNIT, 1
     while s < WARPS1 and rows * s < 8 * n_sm and nu > 32 * s:
         s *= 2
