@@ -18,7 +18,9 @@ Decode GEMV (`gemv1_kernel`, one token, K <= STAGE): a block of 8 warps writes i
 before its arithmetic), partial sums added in shared memory. Rows of 896 values are one unit a lane, so a row
 costs one memory round trip. One launch computes up to three products of the same input (rows of weight 1,
 then 2, then 3: attention's q, k, v), or, gated (`glu`), rows n of two weights together and
-h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU).
+h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU). On int8 activations (the default, `_make_gemv1_i8`)
+the staged input is then quantized per unit by groups of threads, each lane's unit dot is dp4a on the packed
+weight words, and a gated launch gives each warp two rows a step.
 """
 
 from __future__ import annotations
