@@ -97,24 +97,36 @@ def time_items(be, items, reps: int) -> float:
 # ---- decode GEMV: launch shapes ----------------------------------------------------------------------------
 
 
+def _gemv_operands(be, rng, type, n, k, gated, reps):
+    """(weight bytes a launch, copies, [(input, weights) of each copy], outputs): copies of the weights past
+    the 50 MB L2, taken in turn, so each launch reads from HBM as in a decode step."""
+    nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
+    copies = 1 if SIM else max(1, min(reps, -(-160_000_000 // nbytes)))
+    sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
+    x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
+    ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
+    return nbytes, copies, [(x, ws) for ws in sets], ys
+
+
+def _gemv_items(be, sets, ys, gated):
+    """One decode-GEMV launch item per weight copy, as the backend queues it (default kernel and launch)."""
+    items = []
+    for x, ws in sets:
+        d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
+        if gated:
+            d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
+        items.append(d.item(be))
+    return items
+
+
 def bench_gemv(be, cases, reps: int) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for name, type, n, k, gated in cases:
-        nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
-        # copies of the weights past the 50 MB L2, taken in turn: each launch reads from HBM, as in a decode step
-        copies = 1 if SIM else max(1, min(reps, -(-160_000_000 // nbytes)))
-        sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
-        x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
-        ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
+        nbytes, copies, sets, ys = _gemv_operands(be, rng, type, n, k, gated, reps)
         for int8 in (False, True):
             be.int8_decode = int8
-            items = []
-            for ws in sets:
-                d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
-                if gated:
-                    d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
-                items.append(d.item(be))
+            items = _gemv_items(be, sets, ys, gated)
             kern, grid0, block0, args0 = items[0]
             s0 = args0[-1]
             ref = None
@@ -175,17 +187,8 @@ def bench_gemv_base(be, cases, reps: int, base: str) -> list[dict]:
     out = []
     be.int8_decode = True
     for name, type, n, k, gated in cases:
-        nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
-        copies = 1 if SIM else max(1, min(reps, -(-160_000_000 // nbytes)))
-        sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
-        x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
-        ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
-        items = []
-        for ws in sets:
-            d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
-            if gated:
-                d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
-            items.append(d.item(be))
+        nbytes, copies, sets, ys = _gemv_operands(be, rng, type, n, k, gated, reps)
+        items = _gemv_items(be, sets, ys, gated)
         ref, row = None, {"case": name, "type": type, "rows": n, "K": k, "gated": gated}
         for side, module in (("base", old), ("this", mv)):
             kern = module.gemv1_kernel((type,) * (2 if gated else 1), mv.PLAIN, mv.SWIGLU if gated else 0, k, True)

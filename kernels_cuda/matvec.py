@@ -549,6 +549,24 @@ def _stage_value(mode, x, x2, nw, k):
     return xv, xv
 
 
+@device
+def _stage_input(mode, x, x2, nw, xs, K):
+    """in(x) into xs, a padding word after each unit of 32 (lane l reading unit l, or the quantizing threads,
+    never conflict); returns this thread's part of sum(x^2). One pass over x, four loads a thread a step
+    (clamped in range, stored only when in range) so they are in flight together."""
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    ssq = float32(0.0)
+    for k0 in range(tid, K, 4 * nt):
+        for j in range(4):
+            k = k0 + j * nt
+            val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
+            if k < K:
+                ssq += xv * xv
+                xs[k + k // UNIT] = val
+    return ssq
+
+
 def _make_gemv1(fmts, mode, glu, units):
     unit1, unit2, unit3 = (_unit_fn(f) for f in fmts)
     need_sum = any(f.name in _NEEDS_SUM for f in fmts)
@@ -563,16 +581,7 @@ def _make_gemv1(fmts, mode, glu, units):
         pb = cuda.shared.array(WARPS1, float32)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
-        # one pass over x, four loads a thread a step (clamped in range, stored only when in range) so they are
-        # in flight together
-        ssq = float32(0.0)
-        for k0 in range(tid, K, 4 * nt):
-            for j in range(4):
-                k = k0 + j * nt
-                val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
-                if k < K:
-                    ssq += xv * xv
-                    xs[(UNIT + 1) * (k // UNIT) + k % UNIT] = val
+        ssq = _stage_input(mode, x, x2, nw, xs, K)
         if need_sum:  # each unit's sum, a thread a unit
             cuda.syncthreads()
             for uq in range(tid, K // UNIT, nt):
@@ -659,16 +668,7 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
         nu = K // UNIT
-        # stage in(x) (RMSNorm's 1/rms left out: it scales the dot products), a padding word a unit so the
-        # quantizing threads' reads never conflict
-        ssq = float32(0.0)
-        for k0 in range(tid, K, 4 * nt):
-            for j in range(4):
-                k = k0 + j * nt
-                val, xv = _stage_value(mode, x, x2, nw, min(k, K - 1))
-                if k < K:
-                    ssq += xv * xv
-                    xs[k + k // UNIT] = val
+        ssq = _stage_input(mode, x, x2, nw, xs, K)
         cuda.syncthreads()
         # codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer); every thread takes the same
         # number of passes (the group reductions are warp-wide)
