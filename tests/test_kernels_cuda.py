@@ -194,6 +194,28 @@ def test_decode_gemv_int8_fusions(be8):
     assert rel(be8.to_host(z), ref_be.swiglu(x @ dense(wg).T, x @ dense(wu).T) @ dense(wd).T + r) < 5e-2
 
 
+@pytest.mark.parametrize("rows, k", [(40, 320), (3, 2304)])
+def test_decode_gemv_int8_gated_pairs(be8, rows, k):
+    """The gated pair takes two rows a warp a step: row counts that leave the last step's second rows empty,
+    one with several warps a row (3 rows of 72 units: S = 4 in the simulator), each against the q8-rounded
+    input times the dequantized weights."""
+    from kernels_cuda import matvec as mv
+
+    rng = np.random.default_rng(9)
+    wg, wu = make_weight("q4_k" if k % 256 == 0 else "q5_0", rows, k, seed=10), make_weight("q8_0", rows, k, seed=11)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    xd = be8.from_host(x)
+    g, u = be8.linear(xd, be8.weight(wg)), be8.linear(xd, be8.weight(wu))
+    a = be8.swiglu(g, u)
+    kern, grid, block, args = be8.queue.items[-1]
+    assert kern._pq_rows_per_warp == 2 and args[-1] == (4 if rows == 3 else 1)  # S
+    xq = q8_round(x)
+    gr, ur = xq @ dense(wg).T, xq @ dense(wu).T
+    assert rel(be8.to_host(g), gr) < 1e-5 and rel(be8.to_host(u), ur) < 1e-5
+    assert rel(be8.to_host(a), gr / (1 + np.exp(-gr)) * ur) < 1e-5
+    assert grid == min(-(-rows // (2 * (mv.WARPS1 // args[-1]))), mv.BLOCKS_PER_SM * be8.n_sm)
+
+
 # ---- 2. int8 GEMMs ------------------------------------------------------------------------------------------
 
 
