@@ -31,6 +31,38 @@ def ceil_div(a: int, b: int) -> int:
 
 
 if SIM:
+    import contextlib
+    import threading
+
+    import numba.cuda.simulator.kernel as _sim_kernel
+
+    _swap_lock = threading.Lock()
+    _swaps: dict = {}  # id(module globals) -> [threads inside, the real names it had]
+
+    @contextlib.contextmanager
+    def _swapped_cuda_module(fn, fake_cuda_module):
+        """The simulator's swap of `cuda` in a function's module for its fake module, counted per module: its
+        own version restores the real module when any thread leaves a device function, while the block's
+        other threads may still be inside one of that module's functions, which then fail on
+        `cuda.threadIdx` (seen once in CI, in attend1's calls of warp_sum)."""
+        g = fn.__globals__
+        with _swap_lock:
+            entry = _swaps.get(id(g))
+            if entry is None:
+                orig = {k: v for k, v in g.items() if v is cuda}
+                g.update(dict.fromkeys(orig, fake_cuda_module))
+                entry = _swaps[id(g)] = [0, orig]
+            entry[0] += 1
+        try:
+            yield
+        finally:
+            with _swap_lock:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    g.update(entry[1])
+                    del _swaps[id(g)]
+
+    _sim_kernel.swapped_cuda_module = _swapped_cuda_module
 
     @device
     def warp_sum(v):
