@@ -36,31 +36,31 @@ if SIM:
 
     import numba.cuda.simulator.kernel as _sim_kernel
 
-    _swap_lock = threading.Lock()
-    _swaps: dict = {}  # id(module globals) -> [threads inside, the real names it had]
+    _device_swaps: list = []  # (module globals, the real names) swapped by device functions this launch
 
     @contextlib.contextmanager
     def _swapped_cuda_module(fn, fake_cuda_module):
-        """The simulator's swap of `cuda` in a function's module for its fake module, counted per module: its
-        own version restores the real module when any thread leaves a device function, while the block's
-        other threads may still be inside one of that module's functions, which then fail on
-        `cuda.threadIdx` (seen once in CI, in attend1's calls of warp_sum)."""
+        """The simulator's swap of `cuda` in a function's module for the launch's fake module, except that a
+        device function's swap lasts until the launch ends: numba's own swap restores the real module when a
+        block thread leaves a device function of another module, while the block's other threads may still be
+        inside that module's functions, and they then fail on `cuda.threadIdx` (seen once in CI, in
+        attend1's calls of warp_sum). (A lock and a count of the threads inside made the simulator ~30x
+        slower: 256 threads contend for it under the GIL.)"""
         g = fn.__globals__
-        with _swap_lock:
-            entry = _swaps.get(id(g))
-            if entry is None:
-                orig = {k: v for k, v in g.items() if v is cuda}
-                g.update(dict.fromkeys(orig, fake_cuda_module))
-                entry = _swaps[id(g)] = [0, orig]
-            entry[0] += 1
-        try:
+        orig = {k: v for k, v in g.items() if v is cuda}
+        g.update(dict.fromkeys(orig, fake_cuda_module))
+        if isinstance(threading.current_thread(), _sim_kernel.BlockThread):
+            if orig:
+                _device_swaps.append((g, orig))
+            yield
+            return
+        try:  # the launch itself, on the host thread: restore everything when it ends
             yield
         finally:
-            with _swap_lock:
-                entry[0] -= 1
-                if entry[0] == 0:
-                    g.update(entry[1])
-                    del _swaps[id(g)]
+            g.update(orig)
+            while _device_swaps:
+                dg, dorig = _device_swaps.pop()
+                dg.update(dorig)
 
     _sim_kernel.swapped_cuda_module = _swapped_cuda_module
 
