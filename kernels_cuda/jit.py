@@ -46,8 +46,10 @@ if SIM:
         inside that module's functions, and they then fail on `cuda.threadIdx` (seen once in CI, in
         attend1's calls of warp_sum). (A lock and a count of the threads inside made the simulator ~30x
         slower: 256 threads contend for it under the GIL.)"""
+        from numba import cuda as real  # not this module's `cuda`: it is swapped too
+
         g = fn.__globals__
-        orig = {k: v for k, v in g.items() if v is cuda}
+        orig = {k: v for k, v in g.items() if v is real}
         g.update(dict.fromkeys(orig, fake_cuda_module))
         if isinstance(threading.current_thread(), _sim_kernel.BlockThread):
             if orig:
