@@ -593,11 +593,7 @@ def _make_gemv1(fmts, mode, glu, units):
         if mode == RMS:
             rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
         cuda.syncthreads()
-        warp = tid // 32
-        lane = tid % 32
-        sub = warp % S
-        per = (nt // 32) // S  # rows a block takes a step
-        rows = n1 if glu else n1 + n2 + n3
+        warp, lane, sub, per, rows = _row_layout(glu, S, n1, n2, n3)
         nu = K // UNIT
         u0 = sub * 32 + lane
         step = 32 * S
@@ -624,6 +620,13 @@ def _make_gemv1(fmts, mode, glu, units):
                 _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
 
     return gemv1
+
+
+@device
+def _row_layout(glu, S, n1, n2, n3):
+    """(warp, lane, the warp's place among its row's S warps, rows a block takes a step, rows)."""
+    warp = cuda.threadIdx.x // 32
+    return warp, cuda.threadIdx.x % 32, warp % S, (cuda.blockDim.x // 32) // S, n1 if glu else n1 + n2 + n3
 
 
 @device
@@ -704,11 +707,7 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         if mode == RMS:
             rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
         cuda.syncthreads()
-        warp = tid // 32
-        lane = tid % 32
-        sub = warp % S
-        per = (nt // 32) // S  # rows a block takes a step
-        rows = n1 if glu else n1 + n2 + n3
+        warp, lane, sub, per, rows = _row_layout(glu, S, n1, n2, n3)
         u0 = sub * 32 + lane
         step = 32 * S
         for it in range(cuda.blockIdx.x, (rows + rpw * per - 1) // (rpw * per), cuda.gridDim.x):
