@@ -97,11 +97,12 @@ def time_items(be, items, reps: int) -> float:
 # ---- decode GEMV: launch shapes ----------------------------------------------------------------------------
 
 
-def _gemv_operands(be, rng, type, n, k, gated, reps):
+def _gemv_operands(be, rng, type, n, k, gated, reps, hot=False):
     """(weight bytes a launch, copies, [(input, weights) of each copy], outputs): copies of the weights past
-    the 50 MB L2, taken in turn, so each launch reads from HBM as in a decode step."""
+    the 50 MB L2, taken in turn, so each launch reads from HBM as in a decode step (hot: one copy, which
+    stays in L2 from launch to launch)."""
     nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
-    copies = 1 if SIM else max(1, min(reps, -(-160_000_000 // nbytes)))
+    copies = 1 if SIM or hot else max(1, min(reps, -(-160_000_000 // nbytes)))
     sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
     x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
     ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
@@ -119,11 +120,11 @@ def _gemv_items(be, sets, ys, gated):
     return items
 
 
-def bench_gemv(be, cases, reps: int) -> list[dict]:
+def bench_gemv(be, cases, reps: int, hot: bool = False) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for name, type, n, k, gated in cases:
-        nbytes, copies, sets, ys = _gemv_operands(be, rng, type, n, k, gated, reps)
+        nbytes, copies, sets, ys = _gemv_operands(be, rng, type, n, k, gated, reps, hot)
         for int8 in (False, True):
             be.int8_decode = int8
             items = _gemv_items(be, sets, ys, gated)
@@ -426,6 +427,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="tiny shapes, correctness only (the simulator)")
     ap.add_argument("--json", type=str)
+    ap.add_argument("--hot", action="store_true", help="gemv: weights kept in L2 (one copy), not read from HBM")
     ap.add_argument("--base", type=str, help="time that checkout's int8 decode GEMV beside this one's (gemv)")
     args = ap.parse_args()
     be = CudaBackend(cache_type="f16")
@@ -435,7 +437,7 @@ def main() -> int:
     if args.base:
         res["gemv_base"] = bench_gemv_base(be, GEMV_SIM if small else GEMV_CASES, args.reps, args.base)
     elif args.only in (None, "gemv"):
-        res["gemv"] = bench_gemv(be, GEMV_SIM if small else GEMV_CASES, args.reps)
+        res["gemv"] = bench_gemv(be, GEMV_SIM if small else GEMV_CASES, args.reps, args.hot)
     if args.only in (None, "attend"):
         res["attend"] = bench_attend(be, ATTEND_SIM if small else ATTEND_CASES, 9 if small else 512,
                                      3 if small else 0, args.reps)
