@@ -484,9 +484,16 @@ def _make_attend1(kind, dk, dv):
     gthreads = THREADS // groups
     vdims = -(-dv // gthreads)  # value dims a thread accumulates (1 or 2)
 
+    store32 = _store32_fn(kind)
+    kv_per = kv_per_thread(kind)
+
     @kernel
-    def attend1(out, q, kc, ks, vc, vs, params, scale, window, H, G, pm, pl, pacc, count):
-        """out (1, H, dv) for the token at params[POS0]; grid (H, SPLITS), THREADS threads."""
+    def attend1(out, q, kc, ks, vc, vs, params, scale, window, H, G, pm, pl, pacc, count, knew, vnew, cos, sin,
+                n_rot, neox, rot):
+        """out (1, H, dv) for the token at params[POS0]; grid (H, SPLITS), THREADS threads. The token's q, k
+        (G, dk) and v (G, dv) come as the projections left them (turned by RoPE here when rot): every block
+        whose keys include the token's own stores its K and V rows into the cache first, as rope_store would
+        (the same bytes from each of a KV head's query heads), and reads them back after a block barrier."""
         sq = cuda.shared.array(MAX_HEAD_DIM, float32)
         sp = cuda.shared.array(CHUNK, float32)
         red = cuda.shared.array(32, float32)
@@ -504,7 +511,23 @@ def _make_attend1(kind, dk, dv):
         k0 = start + sid * per
         k1 = min(k0 + per, qpos + 1)
         for i in range(tid, dk, THREADS):
-            sq[i] = q[h * dk + i] * scale
+            sq[i] = _kv(q, h * dk + i, rot, cos, sin, qpos, dk, n_rot, neox) * scale
+        if k0 <= qpos and qpos < k1:
+            for i in range(tid, (dk + dv) // kv_per, THREADS):
+                if i < dk // kv_per:
+                    o = g * dk + kv_per * i
+                    dst = (qpos * G + g) * dk + kv_per * i
+                    if kv_per == 1:
+                        kc[dst] = _kv(knew, o, rot, cos, sin, qpos, dk, n_rot, neox)
+                    else:
+                        store32(kc, ks, dst, knew, o, rot, cos, sin, qpos, dk, n_rot, neox)
+                else:
+                    o = g * dv + kv_per * (i - dk // kv_per)
+                    dst = (qpos * G + g) * dv + kv_per * (i - dk // kv_per)
+                    if kv_per == 1:
+                        vc[dst] = vnew[o]
+                    else:
+                        store32(vc, vs, dst, vnew, o, False, cos, sin, qpos, dv, n_rot, neox)
         cuda.syncthreads()
         m = float32(-math.inf)
         lsum = float32(0.0)

@@ -473,9 +473,8 @@ class CudaBackend:
         qp, kp = q.pending, k.pending
         rot = (qp is not None and kp is not None and qp[0] == kp[0] == "rope" and qp[2] is kp[2]
                and qp[4:] == kp[4:] and qp[1].pending is None and kp[1].pending is None)
-        if rot:  # q and k turned by rope_store: q written once, k only into the cache
+        if rot:  # q and k turned where they are stored (rope_store, attend1): q written once, k only in the cache
             qsrc, ksrc, cos, sin, n_rot, neox = qp[1], kp[1], qp[2], qp[3], qp[4], qp[5]
-            q.pending = None
         else:
             q, k = self._ready(q), self._ready(k)
             qsrc, ksrc, cos, sin, n_rot, neox = q, k, self._dummy2, self._dummy2, 0, False
@@ -488,17 +487,19 @@ class CudaBackend:
         self._ctx_limit = cache.n_ctx if self._ctx_limit is None else min(self._ctx_limit, cache.n_ctx)
         (kc, ks), (vc, vs) = cache.k[layer], cache.v[layer]
         pd = self.queue.params_dev
-        n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // att.kv_per_thread(cache.kind)
-        self.queue.add(att.rope_store_kernel(cache.kind), *ops.grid1(n_thr, 128), q.buf, qsrc.buf, kc, ks,
-                       ksrc.buf, vc, vs, v.buf, cos, sin, pd, t, n_head, g, dk, dv, n_rot, neox, rot)
         y = self._out((t, n_head * dv))
-        if t == 1:
+        if t == 1:  # attend1 turns q and k and stores k, v itself: no rope_store launch
             scratch = self._att1.get((n_head, dv))
             if scratch is None:
                 scratch = self._att1[(n_head, dv)] = att.attend1_scratch(n_head, dv)
-            self.queue.add(att.attend1_kernel(cache.kind, dk, dv), (n_head, att.SPLITS), att.THREADS, y.buf, q.buf,
-                           kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, *scratch)
+            self.queue.add(att.attend1_kernel(cache.kind, dk, dv), (n_head, att.SPLITS), att.THREADS, y.buf,
+                           qsrc.buf, kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, *scratch,
+                           ksrc.buf, v.buf, cos, sin, n_rot, neox, rot)
             return y
+        n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // att.kv_per_thread(cache.kind)
+        self.queue.add(att.rope_store_kernel(cache.kind), *ops.grid1(n_thr, 128), q.buf, qsrc.buf, kc, ks,
+                       ksrc.buf, vc, vs, v.buf, cos, sin, pd, t, n_head, g, dk, dv, n_rot, neox, rot)
+        q.pending = None  # rope_store wrote it (attend1 reads qsrc: q stays pending there)
         self.queue.add(att.attend_kernel(cache.kind, dk, dv), *att.attend_grid(n_head, g, t, dk, dv), y.buf,
                        q.buf, kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, t)
         return y
