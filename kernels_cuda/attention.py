@@ -489,15 +489,17 @@ def _make_attend1(kind, dk, dv):
 
     @kernel
     def attend1(out, q, kc, ks, vc, vs, params, scale, window, H, G, pm, pl, pacc, count, knew, vnew, cos, sin,
-                n_rot, neox, rot):
+                n_rot, neox, rot, qnw, knw, eps, norm):
         """out (1, H, dv) for the token at params[POS0]; grid (H, SPLITS), THREADS threads. The token's q, k
         (G, dk) and v (G, dv) come as the projections left them (turned by RoPE here when rot): every block
         whose keys include the token's own stores its K and V rows into the cache first, as rope_store would
-        (the same bytes from each of a KV head's query heads), and reads them back after a block barrier."""
+        (the same bytes from each of a KV head's query heads), and reads them back after a block barrier. With
+        norm, q and k are first RMS-normalized per head with weights qnw, knw (dk,) (gemma3's q/k norms)."""
         sq = cuda.shared.array(MAX_HEAD_DIM, float32)
         sp = cuda.shared.array(CHUNK, float32)
         red = cuda.shared.array(32, float32)
         sacc = cuda.shared.array(MAX_HEAD_DIM, float32)
+        skn = cuda.shared.array(MAX_HEAD_DIM, float32)
         last = cuda.shared.array(1, np.int32)
         h = cuda.blockIdx.x
         sid = cuda.blockIdx.y
@@ -510,17 +512,43 @@ def _make_attend1(kind, dk, dv):
         per = (qpos + 1 - start + SPLITS - 1) // SPLITS
         k0 = start + sid * per
         k1 = min(k0 + per, qpos + 1)
-        for i in range(tid, dk, THREADS):
-            sq[i] = _kv(q, h * dk + i, rot, cos, sin, qpos, dk, n_rot, neox) * scale
-        if k0 <= qpos and qpos < k1:
+        store = k0 <= qpos and qpos < k1  # this block's keys include the token's own: it stores K and V
+        if norm:  # q (and k) normalized in shared memory, then turned from there
+            ssq = float32(0.0)
+            ssk = float32(0.0)
+            for i in range(tid, dk, THREADS):
+                val = q[h * dk + i]
+                sacc[i] = val
+                ssq += val * val
+                if store:
+                    val = knew[g * dk + i]
+                    skn[i] = val
+                    ssk += val * val
+            rq = float32(1.0 / math.sqrt(block_sum(red, ssq) / dk + eps))
+            rk = float32(1.0 / math.sqrt(block_sum(red, ssk) / dk + eps))
+            for i in range(tid, dk, THREADS):
+                sacc[i] = sacc[i] * rq * qnw[i]
+                if store:
+                    skn[i] = skn[i] * rk * knw[i]
+            cuda.syncthreads()
+            for i in range(tid, dk, THREADS):
+                sq[i] = _kv(sacc, i, rot, cos, sin, qpos, dk, n_rot, neox) * scale
+        else:
+            for i in range(tid, dk, THREADS):
+                sq[i] = _kv(q, h * dk + i, rot, cos, sin, qpos, dk, n_rot, neox) * scale
+        if store:
             for i in range(tid, (dk + dv) // kv_per, THREADS):
                 if i < dk // kv_per:
-                    o = g * dk + kv_per * i
                     dst = (qpos * G + g) * dk + kv_per * i
-                    if kv_per == 1:
-                        kc[dst] = _kv(knew, o, rot, cos, sin, qpos, dk, n_rot, neox)
+                    if norm:
+                        if kv_per == 1:
+                            kc[dst] = _kv(skn, i, rot, cos, sin, qpos, dk, n_rot, neox)
+                        else:
+                            store32(kc, ks, dst, skn, kv_per * i, rot, cos, sin, qpos, dk, n_rot, neox)
+                    elif kv_per == 1:
+                        kc[dst] = _kv(knew, g * dk + i, rot, cos, sin, qpos, dk, n_rot, neox)
                     else:
-                        store32(kc, ks, dst, knew, o, rot, cos, sin, qpos, dk, n_rot, neox)
+                        store32(kc, ks, dst, knew, g * dk + kv_per * i, rot, cos, sin, qpos, dk, n_rot, neox)
                 else:
                     o = g * dv + kv_per * (i - dk // kv_per)
                     dst = (qpos * G + g) * dv + kv_per * (i - dk // kv_per)

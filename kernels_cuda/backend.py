@@ -159,6 +159,7 @@ class CudaBackend:
             return x
         if p[0] == "rope":
             _, src, cos, sin, n_rot, neox = p
+            src = self._ready(src)
             t, h, d = src.shape
             self.queue.add(ops.rope, *ops.grid1(t * h * (d // 2)), x.buf, src.buf, cos, sin, self.queue.params_dev,
                            t, h, d, n_rot, neox)
@@ -359,9 +360,12 @@ class CudaBackend:
 
     def rope(self, x: Tensor, positions: np.ndarray, n_rot: int, base: float, neox: bool,
              freq_scale: float = 1.0) -> Tensor:
-        """Left pending: attention turns q and k as it stores them (attention.rope_store); anything else that
-        reads the result launches the rope kernel."""
-        x = self._ready(x)
+        """Left pending: attention turns q and k as it stores them (attention.rope_store, attend1); anything else
+        that reads the result launches the rope kernel. A per-head RMS norm of x (gemma3's q/k norms) stays
+        pending too: attend1 applies it."""
+        p = x.pending
+        if not (p is not None and p[0] == "rms" and x.ndim == 3 and p[2].size == x.shape[2]):
+            x = self._ready(x)
         t = x.shape[0]
         positions = np.asarray(positions)
         if t == 0:
@@ -472,14 +476,20 @@ class CudaBackend:
                   scale: float, window: int = 0) -> Tensor:
         qp, kp = q.pending, k.pending
         rot = (qp is not None and kp is not None and qp[0] == kp[0] == "rope" and qp[2] is kp[2]
-               and qp[4:] == kp[4:] and qp[1].pending is None and kp[1].pending is None)
+               and qp[4:] == kp[4:])
+        t, n_head, dk = q.shape
+        qn = kp_n = None
         if rot:  # q and k turned where they are stored (rope_store, attend1): q written once, k only in the cache
             qsrc, ksrc, cos, sin, n_rot, neox = qp[1], kp[1], qp[2], qp[3], qp[4], qp[5]
+            qn, kp_n = qsrc.pending, ksrc.pending
+            if not (t == 1 and qn is not None and kp_n is not None and qn[0] == kp_n[0] == "rms" and qn[3] == kp_n[3]
+                    and qn[1].pending is None and kp_n[1].pending is None):
+                qn = kp_n = None  # attend1 normalizes a decode token's q and k; anything else is normalized first
+                qsrc, ksrc = self._ready(qsrc), self._ready(ksrc)
         else:
             q, k = self._ready(q), self._ready(k)
             qsrc, ksrc, cos, sin, n_rot, neox = q, k, self._dummy2, self._dummy2, 0, False
         v = self._ready(v)
-        t, n_head, dk = q.shape
         g, dv = v.shape[1], v.shape[2]
         if pos0 + t > cache.n_ctx:
             raise PyquantError(f"context full: {pos0 + t} tokens exceed n_ctx {cache.n_ctx}")
@@ -492,9 +502,13 @@ class CudaBackend:
             scratch = self._att1.get((n_head, dv))
             if scratch is None:
                 scratch = self._att1[(n_head, dv)] = att.attend1_scratch(n_head, dv)
+            if qn is not None:  # the raw projections and the norms' weights
+                qsrc, ksrc, norm = qn[1], kp_n[1], (qn[2].buf, kp_n[2].buf, _f32(qn[3]), True)
+            else:
+                norm = (self._dummy, self._dummy, _f32(0.0), False)
             self.queue.add(att.attend1_kernel(cache.kind, dk, dv), (n_head, att.SPLITS), att.THREADS, y.buf,
                            qsrc.buf, kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, *scratch,
-                           ksrc.buf, v.buf, cos, sin, n_rot, neox, rot)
+                           ksrc.buf, v.buf, cos, sin, n_rot, neox, rot, *norm)
             return y
         n_thr = (t * n_head * dk if rot else 0) + t * g * (dk + dv) // att.kv_per_thread(cache.kind)
         self.queue.add(att.rope_store_kernel(cache.kind), *ops.grid1(n_thr, 128), q.buf, qsrc.buf, kc, ks,

@@ -379,7 +379,8 @@ def test_decode_attention_long_context(cache_type):
                 kv_new = [cuda.to_device(a.reshape(n_ctx, g * d)[ctx - 1].astype(np.float32)) for a in kv]
                 item = (att.attend1_kernel(att.CACHE_TYPES[cache_type], d, d), (h, att.SPLITS), att.THREADS,
                         (y, cuda.to_device(qh), kc, ks, vc, vs, be.queue.params_dev, np.float32(0.125), window, h, g,
-                         *scratch, *kv_new, be._dummy2, be._dummy2, 0, False, False))
+                         *scratch, *kv_new, be._dummy2, be._dummy2, 0, False, False, be._dummy, be._dummy,
+                         np.float32(0), False))
                 be.queue.run_eager([item])
                 cuda.synchronize()  # and the read below goes on the default stream too
                 got = y.copy_to_host().reshape(h, d)
@@ -571,9 +572,9 @@ def test_backend_logits_match_numpy(tmp_path, arch):
             assert rel(a, b) < tol, (be.gemv_tokens, rel(a, b))
         assert np.argmax(got[-1]) == np.argmax(want[-1])
         assert be.n_replays == len(steps) - 1
-        # get_rows, 5 a layer (q/k/v, attention with RoPE and the K/V store, output + residual, gate/up + gate,
-        # down + residual), output; gemma3 adds scale, and q/k norms, 2 post-norms with their residual adds a layer
-        assert len(be.queue.last_sig) == 2 + (5 if arch == "qwen2" else 9) * m.hp.n_layer + (arch == "gemma3")
+        # get_rows, 5 a layer (q/k/v, attention with the q/k norms, RoPE and the K/V store, output + residual,
+        # gate/up + gate, down + residual), output; gemma3 adds scale, and 2 post-norms with their residual adds
+        assert len(be.queue.last_sig) == 2 + (5 if arch == "qwen2" else 7) * m.hp.n_layer + (arch == "gemma3")
         with pytest.raises(Exception, match="out of range"):  # refused by the replayed step too
             m.forward(np.array([m.hp.n_vocab]), steps[-1] + 1, cache)
 
