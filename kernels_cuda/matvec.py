@@ -677,6 +677,8 @@ def _make_gemv1_i8(fmts, mode, glu, units):
         # number of passes (the group reductions are warp-wide)
         for p0 in range(0, nu * g, nt):
             sl = p0 + tid
+            if g == 1 and not SIM and sl >= nu:  # no group reduction to join: threads past the last unit idle
+                continue
             uq = min(sl // g, nu - 1)
             i0 = vpt * (sl % g)
             o = (UNIT + 1) * uq + i0
