@@ -8,8 +8,9 @@ Cache types (per layer, rows (n_ctx, G, Dh) flattened):
 The quantizers follow pyquant.quants.q8_0 / q4_0, except that the scale stays float32 (Q8_0 and Q4_0 store it
 as float16).
 
-`rope_store`: one launch before attention: RoPE on q, RoPE on k and k's rows into the cache, v's rows into the
-cache (RoPE left to the backend's pending op until here, so q and k are not written and read back first).
+`rope_store`: one launch before prefill attention: RoPE on q, RoPE on k and k's rows into the cache, v's rows
+into the cache (RoPE left to the backend's pending op until here, so q and k are not written and read back
+first). A decode token needs no such launch: attend1 does the same at its start (with gemma3's q/k norms).
 
 `attend` (prefill, T > 1): tiled, flash-attention style in float32. The rows (token, query head) of one KV head
 are taken token-major, so a block's rows share its K/V tiles (GQA) whatever the heads a KV head; a block takes
@@ -28,6 +29,9 @@ position: the step is replayed as a graph), each block in chunks of CHUNK keys: 
 with the lanes across the head (coalesced rows, all KB rows' loads out together), an online softmax, then
 threads across the value dims (two key groups for heads of 64) accumulate p * V four keys a step. Each split
 leaves (max, sum, acc) in scratch; the last block of a head to finish (an atomic count, reset by it) merges.
+Each block normalizes (gemma3) and turns its head's q itself; the blocks whose keys include the token's own
+also store the token's K and V rows (identical bytes from every query head of a KV head), then read them
+back from the cache after a block barrier: no block reads a row another block writes.
 """
 
 from __future__ import annotations
