@@ -9,7 +9,7 @@ Defaults are the recommended settings. Output formats:
 - smoothquant: W8A8. Default Q8_0 weights: ggml's CPU path rounds activations to Q8_0 blocks of 32 values
   (a scale per 32 activations, finer than SmoothQuant's per-token scale), so llama.cpp runs it.
   --format w8a8 writes per-channel int8 weights for pyquant's per-token int8 x int8 -> int32 path.
-- gptq --mix sensitive (opt-in): Q4_K_M's sensitive tensors on wider ggml grids (attn_v and the first/last
+- gptq / awq --mix sensitive (opt-in): Q4_K_M's sensitive tensors on wider ggml grids (attn_v and the first/last
   3 layers' ffn_down Q8_0, the other ffn_down Q5_0/Q5_1), still a standard GGUF of mixed types.
 - llm_int8, atom: pyquant files (see pyquant/ptq/runtime.py for the keys and tensors); llama.cpp refuses them.
 Embeddings and the output matrix follow llama.cpp's rules for the file type (Q8_0 for pyquant files).
@@ -41,7 +41,7 @@ GROUPS = (32, 64, 128, 0)
 
 def build_method(method: str, opts: dict):
     """(method object, pyquant.linear.format or "ggml", embedding file type, method metadata)."""
-    from .ptq.grids import weight_grid
+    from .ptq.grids import SensitiveMix, weight_grid
 
     asym = opts.get("asym")
     sym = not (ASYM_DEFAULT.get(method) if asym is None else asym)
@@ -59,19 +59,22 @@ def build_method(method: str, opts: dict):
             "pyquant.weight.group_size": group,
             "pyquant.weight.mse": bool(opts.get("mse", False)),
         }
+        mix = opts.get("mix") or None
+        if mix not in (None, "sensitive"):
+            raise PyquantError(f"--mix must be 'sensitive', not {mix!r}")
+        if mix and method == "rtn":
+            raise PyquantError("--mix is for gptq and awq")
+        if mix and (bits != 4 or group != 32):
+            raise PyquantError("--mix sensitive mixes 32-value ggml grids: it needs --bits 4 --group 32")
+        if mix:
+            meta["pyquant.weight.mix"] = mix
         if method == "rtn":
             from .ptq.rtn import RTNMethod
 
             return RTNMethod(grid, group), fmt, embed, meta
         if method == "gptq":
             from .ptq.gptq import GPTQMethod
-            from .ptq.grids import SensitiveMix
 
-            mix = opts.get("mix") or None
-            if mix not in (None, "sensitive"):
-                raise PyquantError(f"--mix must be 'sensitive', not {mix!r}")
-            if mix and (bits != 4 or group != 32):
-                raise PyquantError("--mix sensitive mixes 32-value ggml grids: it needs --bits 4 --group 32")
             m = GPTQMethod(
                 grid,
                 group,
@@ -81,8 +84,6 @@ def build_method(method: str, opts: dict):
                 opts.get("true_sequential", True),
                 SensitiveMix(grid) if mix else None,
             )
-            if mix:
-                meta["pyquant.weight.mix"] = mix
             meta.update(
                 {
                     "pyquant.gptq.act_order": m.act_order,
@@ -100,6 +101,7 @@ def build_method(method: str, opts: dict):
             opts.get("clip", False),
             opts.get("search_tokens", 2048),
             opts.get("duo", True),
+            SensitiveMix(grid) if mix else None,
         )
         meta.update({"pyquant.awq.n_grid": m.n_grid, "pyquant.awq.clip": m.clip, "pyquant.awq.duo": m.duo})
         return m, fmt, embed, meta
@@ -208,17 +210,17 @@ def add_arguments(p) -> None:
         action="store_true",
         help="choose each group's scale by an error search over shrunk ranges (rtn, gptq)",
     )
+    w.add_argument(
+        "--mix",
+        choices=("sensitive",),
+        default=None,
+        help="gptq, awq: attn_v and the first/last 3 layers' ffn_down on Q8_0, the other ffn_down on Q5_0/Q5_1 "
+        "(Q4_K_M's choice of tensors; 5.50 bpw in blocks over Q4_1 on Qwen2.5-0.5B)",
+    )
     g = p.add_argument_group("gptq")
     g.add_argument("--act-order", action="store_true", help="columns by descending Hessian diagonal")
     g.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of mean(diag(H)) (0.01)")
     g.add_argument("--block", type=int, default=128, help="lazy-update column block (128)")
-    g.add_argument(
-        "--mix",
-        choices=("sensitive",),
-        default=None,
-        help="sensitive: attn_v and the first/last 3 layers' ffn_down on Q8_0, the other ffn_down on Q5_0/Q5_1 "
-        "(Q4_K_M's choice of tensors; 5.50 bpw in blocks over Q4_1 on Qwen2.5-0.5B)",
-    )
     g.add_argument(
         "--no-true-sequential",
         dest="true_sequential",

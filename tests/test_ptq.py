@@ -404,6 +404,7 @@ CASES = {
     "gptq_mix": ("gptq", {"asym": True, "mix": "sensitive"}),
     "awq": ("awq", {}),
     "awq_q4_1": ("awq", {"asym": True}),
+    "awq_mix": ("awq", {"mix": "sensitive"}),
     "smoothquant": ("smoothquant", {}),
     "smoothquant_w8a8": ("smoothquant", {"format": "w8a8"}),
     "llm_int8": ("llm_int8", {}),
@@ -466,6 +467,7 @@ def test_every_method_stays_close_to_the_float_model(files):
         ("gptq_mix", "q4_1"),
         ("awq", "q4_0"),
         ("awq_q4_1", "q4_1"),
+        ("awq_mix", "q4_0"),
         ("smoothquant", "q8_0"),
     ],
 )
@@ -487,17 +489,31 @@ def test_ggml_files_run_in_llama_cpp_as_in_pyquant(files, name, ggml):
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() > 0.9
 
 
-def test_sensitive_mix_puts_attn_v_and_ffn_down_on_wider_grids(files):
+@pytest.mark.parametrize("name,base", [("gptq_mix", "q4_1"), ("awq_mix", "q4_0")])
+def test_sensitive_mix_puts_attn_v_and_ffn_down_on_wider_grids(files, name, base):
     from pyquant.gguf import GGUFFile
 
-    f = GGUFFile(files["gptq_mix"])
+    f = GGUFFile(files[name])
     types = {
         n.split(".")[2]: t.type
         for n, t in f.tensors.items()
         if n.startswith("blk.1.") and n.endswith("weight")
     }
     assert types["attn_v"] == types["ffn_down"] == "q8_0"  # 2 layers: both are first/last layers
-    assert types["attn_q"] == types["ffn_up"] == "q4_1" and f.get("pyquant.weight.mix") == "sensitive"
+    assert types["attn_q"] == types["ffn_up"] == base and f.get("pyquant.weight.mix") == "sensitive"
+
+
+def test_awq_mix_lands_closer_to_the_float_model(files):
+    """The mix's wider grids are used by AWQ's search and rounding, not only declared in the file: it differs
+    from the plain awq case by the mix alone."""
+    tokens = pyquant.Model(files["f32"], backend="numpy").tokenize(TEXT)
+    ref = log_probs(files["f32"], tokens)
+
+    def kl(path):
+        lq = log_probs(path, tokens)
+        return float((np.exp(ref) * (ref - lq)).sum(axis=1).mean())
+
+    assert kl(files["awq_mix"]) < 0.8 * kl(files["awq"])
 
 
 @pytest.mark.parametrize(

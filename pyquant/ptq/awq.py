@@ -59,15 +59,16 @@ class AWQ:
         self.grid, self.group, self.n_grid, self.duo = grid, group, n_grid, duo
         self.max_shrink, self.clip_tokens = max_shrink, clip_tokens
 
-    def fake(self, w: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    def fake(self, w: torch.Tensor, group: int | None = None, grid: Grid | None = None) -> torch.Tensor:
         g = group or self.group or w.shape[1]
-        return self.grid.fake(w.reshape(w.shape[0], -1, g)).reshape(w.shape)
+        return (grid or self.grid).fake(w.reshape(w.shape[0], -1, g)).reshape(w.shape)
 
     @torch.no_grad()
-    def search_scale(self, x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable):
+    def search_scale(self, x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable, grids=None):
         """(s (in,), best alpha, [loss per alpha]) for linears sharing an input of channel means x_mean;
         block(ws) -> the outputs (list of tensors) of the module the loss is measured at, run with the
-        linears' weights ws."""
+        linears' weights ws, each quantized on its grid (grids: one a weight, default the AWQ's grid)."""
+        grids = grids or [self.grid] * len(weights)
         ref = block(weights)
         n = sum(r.numel() for r in ref)
         w_mean = self.w_mean(weights) if self.duo else None
@@ -75,7 +76,7 @@ class AWQ:
         for i in range(self.n_grid):
             alpha = i / self.n_grid
             s = self.alpha_scale(x_mean, alpha, w_mean)
-            out = block([self.fake(w * s) / s for w in weights])
+            out = block([self.fake(w * s, grid=gr) / s for w, gr in zip(weights, grids)])
             loss = sum(float(((o - r) ** 2).sum()) for o, r in zip(out, ref)) / n
             losses.append(loss)
             if loss < best[0]:
@@ -151,9 +152,12 @@ class AWQMethod:
         clip: bool = False,
         search_tokens: int = 2048,
         duo: bool = True,
+        mix=None,
     ):
+        """mix: None, or an object whose grid(linear name, layer index, n_layers) overrides `grid` per linear
+        (grids.SensitiveMix): the scale search and the rounding then use each linear's own grid."""
         self.grid, self.group, self.n_grid, self.clip = grid, group, n_grid, clip
-        self.search_tokens, self.duo = search_tokens, duo
+        self.search_tokens, self.duo, self.mix = search_tokens, duo, mix
         self.alphas: dict[str, float] = {}
 
     @torch.no_grad()
@@ -177,11 +181,18 @@ class AWQMethod:
         calls = ctx.capture_calls(blocks, n_windows)
 
         algo = AWQ(self.grid, self.group, self.n_grid, duo=self.duo)
+
+        def grid_of(name):
+            return self.mix.grid(name, ctx.index, ctx.n_layers) if self.mix else self.grid
+
         for f, b in zip(folds, blocks):
             n = f.linears[0]
             linears = [ctx.module(m) for m in f.linears]
             s, alpha, _ = algo.search_scale(
-                means[n], [m.weight.data for m in linears], _runner(ctx.module(b), linears, calls[b])
+                means[n],
+                [m.weight.data for m in linears],
+                _runner(ctx.module(b), linears, calls[b]),
+                [grid_of(m) for m in f.linears],
             )
             ctx.fold(f, s)
             xs[n] /= s
@@ -194,9 +205,11 @@ class AWQMethod:
             for n in f.linears:
                 module = ctx.module(n)
                 w = module.weight.data
+                grid = grid_of(n)
                 if self.clip and n not in NO_CLIP:
-                    w = algo.clamp(w, algo.search_clip(xs[f.linears[0]], w))
-                qw = rtn(w, self.grid, self.group or w.shape[1])
+                    clipper = AWQ(grid, self.group, self.n_grid, duo=self.duo)
+                    w = algo.clamp(w, clipper.search_clip(xs[f.linears[0]], w))
+                qw = rtn(w, grid, self.group or w.shape[1])
                 module.weight.data.copy_(torch.from_numpy(qw.dequantize()))
                 records[n] = qw
         return records
