@@ -34,7 +34,8 @@ METHODS = ("rtn", "gptq", "awq", "smoothquant", "llm_int8", "atom")
 # PPL 29.294 (+0.34%, KLD 0.027) at 5.00 bpw in blocks vs Q4_0's 30.240 (+3.6%) at 4.50: the only 4-bit
 # group-32 setting within 1% of llama.cpp's Q4_K_M (29.287 at 5.52). rtn: Q4_0, the baseline llama.cpp's
 # Q4_0 is. awq: Q4_0, kept: its Q4_1 (block-output search), PPL 31.318 (+7.3%, KLD 0.059) at 5.00, is
-# better than Q4_0's 31.882 (+9.2%, KLD 0.099) at 4.50 but far from the 1% target.
+# better than Q4_0's 31.882 (+9.2%, KLD 0.099) at 4.50 but far from the 1% target; with --asym --mix sensitive
+# (5.50, Q4_K_M's 5.52) 30.012 (+2.8%, KLD 0.036), still short of it.
 ASYM_DEFAULT = {"rtn": False, "gptq": True, "awq": False}
 GROUPS = (32, 64, 128, 0)
 
