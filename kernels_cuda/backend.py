@@ -478,13 +478,13 @@ class CudaBackend:
         rot = (qp is not None and kp is not None and qp[0] == kp[0] == "rope" and qp[2] is kp[2]
                and qp[4:] == kp[4:])
         t, n_head, dk = q.shape
-        qn = kp_n = None
+        qnorm = knorm = None
         if rot:  # q and k turned where they are stored (rope_store, attend1): q written once, k only in the cache
             qsrc, ksrc, cos, sin, n_rot, neox = qp[1], kp[1], qp[2], qp[3], qp[4], qp[5]
-            qn, kp_n = qsrc.pending, ksrc.pending
-            if not (t == 1 and qn is not None and kp_n is not None and qn[0] == kp_n[0] == "rms" and qn[3] == kp_n[3]
-                    and qn[1].pending is None and kp_n[1].pending is None):
-                qn = kp_n = None  # attend1 normalizes a decode token's q and k; anything else is normalized first
+            qnorm, knorm = qsrc.pending, ksrc.pending
+            if not (t == 1 and qnorm is not None and knorm is not None and qnorm[0] == knorm[0] == "rms"
+                    and qnorm[3] == knorm[3] and qnorm[1].pending is None and knorm[1].pending is None):
+                qnorm = knorm = None  # attend1 normalizes a decode token's q and k; anything else is normalized first
                 qsrc, ksrc = self._ready(qsrc), self._ready(ksrc)
         else:
             q, k = self._ready(q), self._ready(k)
@@ -502,8 +502,8 @@ class CudaBackend:
             scratch = self._att1.get((n_head, dv))
             if scratch is None:
                 scratch = self._att1[(n_head, dv)] = att.attend1_scratch(n_head, dv)
-            if qn is not None:  # the raw projections and the norms' weights
-                qsrc, ksrc, norm = qn[1], kp_n[1], (qn[2].buf, kp_n[2].buf, _f32(qn[3]), True)
+            if qnorm is not None:  # the raw projections and the norms' weights
+                qsrc, ksrc, norm = qnorm[1], knorm[1], (qnorm[2].buf, knorm[2].buf, _f32(qnorm[3]), True)
             else:
                 norm = (self._dummy, self._dummy, _f32(0.0), False)
             self.queue.add(att.attend1_kernel(cache.kind, dk, dv), (n_head, att.SPLITS), att.THREADS, y.buf,
