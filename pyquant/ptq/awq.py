@@ -99,8 +99,12 @@ class AWQ:
         return s / (s.max() * s.min()).sqrt()
 
     @torch.no_grad()
-    def search_clip(self, x: torch.Tensor, w: torch.Tensor, row_batch: int = 128) -> torch.Tensor:
-        """Per-(row, group) clip values (out, n_groups) minimizing the error of the groups' partial sums."""
+    def search_clip(
+        self, x: torch.Tensor, w: torch.Tensor, row_batch: int = 128, grid: Grid | None = None
+    ) -> torch.Tensor:
+        """Per-(row, group) clip values (out, n_groups) minimizing the error of the groups' partial sums, the
+        clipped weights rounded on `grid` (default the AWQ's grid)."""
+        grid = grid or self.grid
         out, n = w.shape
         g = self.group or n
         xg = x[: self.clip_tokens].reshape(-1, n // g, g).transpose(0, 1)  # (G, T, g)
@@ -113,7 +117,7 @@ class AWQ:
             bm = org_max[..., 0].clone()
             for i in range(int(self.max_shrink * self.n_grid)):
                 m = org_max * (1 - i / self.n_grid)
-                q = self.grid.fake(torch.clamp(wb, -m, m))
+                q = grid.fake(torch.clamp(wb, -m, m))
                 err = ((torch.bmm(xg, q.permute(1, 2, 0)) - ref) ** 2).mean(dim=1).T  # (ob, G)
                 better = err < errs
                 errs[better], bm[better] = err[better], m[..., 0][better]
@@ -207,8 +211,7 @@ class AWQMethod:
                 w = module.weight.data
                 grid = grid_of(n)
                 if self.clip and n not in NO_CLIP:
-                    clipper = AWQ(grid, self.group, self.n_grid, duo=self.duo)
-                    w = algo.clamp(w, clipper.search_clip(xs[f.linears[0]], w))
+                    w = algo.clamp(w, algo.search_clip(xs[f.linears[0]], w, grid=grid))
                 qw = rtn(w, grid, self.group or w.shape[1])
                 module.weight.data.copy_(torch.from_numpy(qw.dequantize()))
                 records[n] = qw
