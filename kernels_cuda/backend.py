@@ -8,8 +8,9 @@ tokens, beyond that the block-scaled int8 tensor-core GEMM (gemm_int8.py) on act
 Decode runs few launches: RMSNorm and the SwiGLU/GeGLU gates are fused into the product that consumes them
 (ops return them unlaunched, `Tensor.pending`), a residual add is folded into the product that feeds it, and
 the queue of one decode step is replayed as a CUDA graph (launch.py). With one token, products of the same
-input join one launch (q, k, v; gate and up, with the gate computed in it: `_Decode`), RoPE stays pending until
-attention turns q and k as it stores K and V (one launch), so a llama/qwen layer is 6 launches. `replay_step`
+input join one launch (q, k, v; gate and up, with the gate computed in it: `_Decode`; that launch also leaves
+the gate's output quantized for ffn_down, `_q8_input`), RoPE stays pending until attention turns q and k as it
+stores K and V (attend1 for one token, with gemma3's q/k norms), so a llama/qwen layer is 5 launches. `replay_step`
 records a whole decode step and runs it again for the next token without the model's Python: the token and
 position go into the parameter block, then one graph launch and the logits copy. `replay_greedy` runs the
 recorded step with the device argmax after it (argmax.py: the chosen token and the next position go straight
@@ -50,12 +51,13 @@ class _Decode:
     """The decode GEMV last queued (one token), kept open so the next op can join it: another product of the
     same input (q, k, v), the gate (SwiGLU / GeGLU of the pair gate, up), or a residual add."""
 
-    __slots__ = ("bs", "glu", "idx", "inp", "items", "res", "ws", "x", "ys", "z")
+    __slots__ = ("bs", "glu", "idx", "inp", "items", "qout", "res", "ws", "x", "ys", "z")
 
     def __init__(self, x, inp, w, y, bias, items):
         self.x, self.inp, self.ws, self.ys, self.bs = x, inp, [w], [y], [bias]
         self.items, self.idx = items, len(items)  # the queue's list (a flush starts a new one) and its index
         self.glu, self.res, self.z = 0, None, None
+        self.qout = None  # gated: (words, scales, counts) where the launch leaves h quantized for the next product
 
     def item(self, be):
         mode, src, x2, nw, eps = self.inp
@@ -69,12 +71,13 @@ class _Decode:
             flags |= mv.HAS_RES
         ns = [w.shape[0] for w in ws] + [0] * (3 - n)
         k = ws[0].shape[1]
+        oq, od, cnt = self.qout or (be._dummy_i32, dummy, be._dummy_i32)
         kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu, k, be.int8_decode)
         grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm,
                                              rows_per_warp=getattr(kern, "_pq_rows_per_warp", 1))
         args = (*y3, w3[0].q, w3[0].d, w3[1].q, w3[1].d, w3[2].q, w3[2].d, *b3, src.buf, x2, nw, eps,
                 self.res.buf if self.res is not None else dummy, self.z.buf if self.z is not None else dummy,
-                flags, *ns, k, split)
+                flags, *ns, k, oq, od, cnt, split)
         return (kern, grid, block, args)
 
 
@@ -130,6 +133,8 @@ class CudaBackend:
         self.arena = Arena()
         self._dummy = upload(np.zeros(1, np.float32))
         self._dummy2 = upload(np.zeros((1, 1), np.float32))
+        self._dummy_i32 = upload(np.zeros(1, np.int32))
+        self._unit_counts: dict = {}  # zeroed counters of the gated GEMV's quantized output, by units
         self._rope: dict = {}
         self._att1: dict = {}  # decode attention's split scratch by (heads, value dims)
         self._n_ctx = 0
@@ -336,6 +341,23 @@ class CudaBackend:
             return mode, p[1], p[2].buf, self._dummy, _F0
         return mv.PLAIN, self._ready(x), self._dummy, self._dummy, _F0
 
+    def _q8_input(self, x: Tensor, w: CudaWeight):
+        """Input mode Q8 for a one-token product of x, the output h of the gated decode GEMV queued last (gate, up,
+        SwiGLU; then ffn_down): that launch is made to leave h quantized as this product's int8 units read it, so
+        this one stages nothing. None where either is not on int8 activations."""
+        d = self._joinable()
+        if not (d is not None and d.glu and d.ys[2].buf is x.buf and x.size % mv.UNIT == 0 and self.int8_decode
+                and all(v.type in mv.INT_UNITS for v in d.ws + [w])):
+            return None
+        if d.qout is None:
+            units = x.size // mv.UNIT
+            cnt = self._unit_counts.get(units)
+            if cnt is None:
+                cnt = self._unit_counts[units] = upload(np.zeros(units, np.int32))
+            d.qout = (self.arena.alloc(units * mv.QW, np.int32), self.arena.alloc(units), cnt)
+            self.queue.items[-1] = d.item(self)
+        return mv.Q8, _Buf(d.qout[0]), d.qout[1], self._dummy, _F0
+
     def _joinable(self) -> _Decode | None:
         d, items = self._dec, self.queue.items
         return d if d is not None and d.items is items and d.idx == len(items) - 1 else None
@@ -344,13 +366,14 @@ class CudaBackend:
         """One token: a decode GEMV, joined to the last one when it reads the same input (q, k, v; gate, up)."""
         d = self._joinable()
         items = self.queue.items
-        if d is not None and d.x is x and not d.glu and d.res is None and len(d.ws) < 3:
+        if (d is not None and d.x is x and not d.glu and d.res is None and len(d.ws) < 3
+                and (d.inp[0] != mv.Q8 or w.type in mv.INT_UNITS)):
             d.ws.append(w)
             d.ys.append(y)
             d.bs.append(bias)
             items[-1] = d.item(self)
             return y
-        inp = self._gemv_input(x, w.shape[1])
+        inp = self._q8_input(x, w) or self._gemv_input(x, w.shape[1])
         d = self._dec = _Decode(x, inp, w, y, bias, items)
         items.append(d.item(self))
         return y
@@ -517,6 +540,15 @@ class CudaBackend:
         self.queue.add(att.attend_kernel(cache.kind, dk, dv), *att.attend_grid(n_head, g, t, dk, dv), y.buf,
                        q.buf, kc, ks, vc, vs, pd, _f32(float(scale)), int(window), n_head, g, t)
         return y
+
+
+class _Buf:
+    """A device buffer where a GEMV input's source Tensor goes (the quantized words of input mode Q8)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf):
+        self.buf = buf
 
 
 def _is_gemv(kern) -> bool:

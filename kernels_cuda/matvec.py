@@ -8,6 +8,7 @@ Input modes fuse the op that produced the activation into the product, so decode
     RMS     in(x) = x * rsqrt(mean(x^2) + eps) * nw      (RMSNorm, computed per block from x)
     SWIGLU  in(x) = silu(x) * x2                          (gate, up)
     GEGLU   in(x) = gelu_tanh(x) * x2
+    Q8      x: int8 words, x2: their scales, as a gated decode GEMV leaves them (int8 decode GEMV only)
 GEMV layout (`gemv_kernel`, 1-8 tokens): a warp per output row; lane l takes groups of 8 values l, l + 32, ...
 of the row, two a step, decodes them once and dots them with every token's activations; then a warp reduction.
 Activations are flat float32.
@@ -20,7 +21,9 @@ costs one memory round trip. One launch computes up to three products of the sam
 then 2, then 3: attention's q, k, v), or, gated (`glu`), rows n of two weights together and
 h[n] = act(w1[n] . x) * (w2[n] . x) (SwiGLU / GeGLU). On int8 activations (the default, `_make_gemv1_i8`)
 the staged input is then quantized per unit by groups of threads, each lane's unit dot is dp4a on the packed
-weight words, and a gated launch gives each warp two rows a step.
+weight words, and a gated launch gives each warp two rows a step; it can also leave h quantized as those
+words (oq, od), so the product reading h (ffn_down, 4864 values for qwen) reads them from global memory instead
+of staging and quantizing h in each of its blocks (input mode Q8).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .isa import dp4a
 from .jit import SIM, block_sum, device, gelu_tanh, group_isum, group_max, kernel, silu, warp_sum
 from .quants import GPU_FORMATS
 
-PLAIN, RMS, SWIGLU, GEGLU = range(4)
+PLAIN, RMS, SWIGLU, GEGLU, Q8 = range(5)
 GEMV_WARPS = 16 if SIM else 4  # rows per block (the simulator pays per block: fewer, larger ones)
 HAS_BIAS, HAS_RES, HAS_BIAS2, HAS_BIAS3 = 1, 2, 4, 8
 STAGE = 8192  # floats of staged input (32 KB of shared memory): the longest row the decode GEMV takes
@@ -573,7 +576,8 @@ def _make_gemv1(fmts, mode, glu, units):
     n_stage = (UNIT + 1) * units  # one padding word a unit: lane l reading unit l hits bank l + i
 
     @kernel
-    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
+    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, oq, od,
+              cnt, S):
         xs = cuda.shared.array(n_stage, float32)
         xsum = cuda.shared.array(units, float32)
         red = cuda.shared.array(32, float32)
@@ -649,66 +653,93 @@ def _row_sums(a, b, glu, S, pa, pb, warp, sub, lane):
     return a, b
 
 
+def _make_q8_unit(g: int):
+    """A device function quantizing one unit of 32 values as the int8 GEMV reads it, g threads a unit (32 / g
+    values a thread): codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer) packed 4 a word into
+    xq[QW u .. QW u + 7], the codes' sum and their first half's sum into xq[QW u + 8], xq[QW u + 9], the scale
+    max|v| / 127 into xd[u]. Every thread of the block calls it alike (the group reductions are warp-wide, and
+    block-wide in the simulator); only those with `store` write."""
+    vpt = UNIT // g
+
+    @device
+    def q8_unit(src, o, i0, xq, xd, u, store):
+        amax = float32(0.0)
+        for i in range(vpt):
+            amax = max(amax, abs(src[o + i]))
+        amax = group_max(amax, g)
+        inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
+        tot = I32(0)
+        half = I32(0)
+        for wi in range(vpt // 4):
+            word = U32(0)
+            for j in range(4):
+                c = I32(round(src[o + 4 * wi + j] * inv))
+                tot += c
+                if i0 + 4 * wi + j < 16:
+                    half += c
+                word |= U32(U32(c) & U32(255)) << U32(8 * j)
+            if store:
+                xq[QW * u + i0 // 4 + wi] = I32(word)
+        tot = group_isum(tot, g)
+        half = group_isum(half, g)
+        if store and i0 == 0:
+            xq[QW * u + 8] = tot
+            xq[QW * u + 9] = half
+            xd[u] = amax / float32(127.0)
+
+    return q8_unit
+
+
 def _make_gemv1_i8(fmts, mode, glu, units):
     """The decode GEMV on int8 activations: the float kernel's staging and row loop, the staged input then
     quantized by groups of g threads a unit (vpt values a thread, the unit's max and code sums reduced over the
     group's lanes), so a short row's few units do not leave most of the block idle while one thread a unit
-    quantizes 32 values serially."""
+    quantizes 32 values serially. Mode Q8 takes the input already quantized (x: the words, x2: the scales, as
+    a gated launch leaves them in oq, od) and reads it from global memory, with nothing staged. A gated launch
+    quantizes its output h for the product that reads it: after each step's rows (a run of whole 32-row units,
+    the rows a multiple of 32) the block adds them to cnt[unit], and the block that completes a unit quantizes
+    it into oq, od and zeroes its count (oq of size 1: off)."""
     (ld1, dt1), (ld2, dt2), (ld3, dt3) = (INT_UNITS[f.name] for f in fmts)
     n_xs, n_q = (UNIT + 1) * units, QW * units  # shared array sizes must be literals
     g = max(1, min(8, 256 // units))  # threads a unit: one pass of at most 256 threads over the longest row
     vpt = UNIT // g  # values a thread quantizes
     rpw = 2 if glu else 1  # rows a warp takes a step: a gated pair's four loads a lane go out together
+    q8_unit = _make_q8_unit(g)
+    q8_out = _make_q8_unit(8)  # a gated launch's output unit, 8 threads
+    staged = mode != Q8
 
     @kernel
-    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, S):
-        xs = cuda.shared.array(n_xs, float32)
-        xd = cuda.shared.array(units, float32)
-        xq = cuda.shared.array(n_q, int32)
+    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, oq, od,
+              cnt, S):
         red = cuda.shared.array(32, float32)
         pa = cuda.shared.array(WARPS1, float32)
         pb = cuda.shared.array(WARPS1, float32)
+        last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
         nu = K // UNIT
-        ssq = _stage_input(mode, x, x2, nw, xs, K)
-        cuda.syncthreads()
-        # codes rint(v * 127 / max|v|) (half to even, as Q8_0's x86 quantizer); every thread takes the same
-        # number of passes (the group reductions are warp-wide)
-        for p0 in range(0, nu * g, nt):
-            sl = p0 + tid
-            if g == 1 and not SIM and sl >= nu:  # no group reduction to join: threads past the last unit idle
-                continue
-            uq = min(sl // g, nu - 1)
-            i0 = vpt * (sl % g)
-            o = (UNIT + 1) * uq + i0
-            amax = float32(0.0)
-            for i in range(vpt):
-                amax = max(amax, abs(xs[o + i]))
-            amax = group_max(amax, g)
-            inv = float32(127.0) / amax if amax > float32(0.0) else float32(0.0)
-            tot = I32(0)
-            half = I32(0)
-            for wi in range(vpt // 4):
-                word = U32(0)
-                for j in range(4):
-                    c = I32(round(xs[o + 4 * wi + j] * inv))
-                    tot += c
-                    if i0 + 4 * wi + j < 16:
-                        half += c
-                    word |= U32(U32(c) & U32(255)) << U32(8 * j)
-                if sl < nu * g:
-                    xq[QW * uq + i0 // 4 + wi] = I32(word)
-            tot = group_isum(tot, g)
-            half = group_isum(half, g)
-            if sl < nu * g and i0 == 0:
-                xq[QW * uq + 8] = tot
-                xq[QW * uq + 9] = half
-                xd[uq] = amax / float32(127.0)
+        ssq = float32(0.0)
+        if staged:
+            xs = cuda.shared.array(n_xs, float32)
+            xd = cuda.shared.array(units, float32)
+            xq = cuda.shared.array(n_q, int32)
+            ssq = _stage_input(mode, x, x2, nw, xs, K)
+            cuda.syncthreads()
+            for p0 in range(0, nu * g, nt):  # every thread takes the same number of passes
+                sl = p0 + tid
+                if g == 1 and not SIM and sl >= nu:  # no group reduction to join: threads past the last unit idle
+                    continue
+                uq = min(sl // g, nu - 1)
+                i0 = vpt * (sl % g)
+                q8_unit(xs, (UNIT + 1) * uq + i0, i0, xq, xd, uq, sl < nu * g)
+        else:
+            xq = x
+            xd = x2
         rs = float32(1.0)
         if mode == RMS:
             rs = 1.0 / math.sqrt(block_sum(red, ssq) / K + eps)
-        cuda.syncthreads()
+        if staged:
+            cuda.syncthreads()
         warp, lane, sub, per, rows = _row_layout(glu, S, n1, n2, n3)
         u0 = sub * 32 + lane
         step = 32 * S
@@ -746,6 +777,18 @@ def _make_gemv1_i8(fmts, mode, glu, units):
             a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
             if sub == 0 and lane == 0 and r < rows:
                 _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
+            if glu and oq.size > 1:  # this step's rows of h written: count them into their unit
+                cuda.threadfence()
+                cuda.syncthreads()
+                hu = (it * rpw * per) // UNIT
+                if tid == 0:
+                    last[0] = 1 if cuda.atomic.add(cnt, hu, rpw * per) == UNIT - rpw * per else 0
+                cuda.syncthreads()
+                if last[0] == 1:  # the unit's other rows are in: quantize it (8 threads), reset its count
+                    i0 = 4 * (tid % 8)
+                    q8_out(y3, UNIT * hu + i0, i0, oq, od, hu, tid < 8)
+                    if tid == 0:
+                        cnt[hu] = 0
 
     gemv1._pq_rows_per_warp = rpw  # gemv1_launch's `rows_per_warp`
     return gemv1

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.cuda
 from kernels_cuda import gemm_int8 as g8
 from kernels_cuda.backend import CudaBackend
 from kernels_cuda.jit import SIM
+from kernels_cuda.matvec import QW
 from kernels_cuda.quants import int8_codes
 
 GEMV_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "f32", "f16"]
@@ -165,7 +166,8 @@ def test_decode_gemv_int8(be8, type):
 
 def test_decode_gemv_int8_fusions(be8):
     """The fused inputs on int8 activations: RMSNorm (its 1/rms applied after rounding), q/k/v of three types
-    with biases in one launch, gate/up with SwiGLU in the epilogue, then down + residual over the gate's output."""
+    with biases in one launch, gate/up with SwiGLU in the epilogue, then down + residual over the gate's output,
+    which the gate/up launch leaves quantized (input mode Q8: down stages nothing)."""
     ref_be = NumpyBackend(cache_type="f32", act_quant=False)
     rng = np.random.default_rng(8)
     k, ff = 256, 512
@@ -186,6 +188,8 @@ def test_decode_gemv_int8_fusions(be8):
     a = be8.swiglu(be8.linear(xd, be8.weight(wg)), be8.linear(xd, be8.weight(wu)))
     z = be8.add(be8.from_host(r), be8.linear(a, be8.weight(wd)))
     assert len(be8.queue.items) == 2
+    (_, _, _, up_args), (_, _, _, down_args) = be8.queue.items
+    assert up_args[-4].size == ff // 32 * QW and down_args[12] is up_args[-4]  # down reads h as gate/up quantized it
     gr, ur = q8_round(x) @ dense(wg).T, q8_round(x) @ dense(wu).T
     act = gr / (1 + np.exp(-gr)) * ur
     assert rel(be8.to_host(a), act) < 1e-5
