@@ -45,16 +45,20 @@ from kernels_cuda.jit import SIM
 from kernels_cuda.quants import GPU_FORMATS
 from pyquant.quants import get_format
 
-GEMV_CASES = [  # name, type, rows, K, gated (two weights of this shape and the SwiGLU epilogue)
+GEMV_CASES = [  # name, type, rows, K, gated (two weights of this shape and the SwiGLU epilogue) or Q8 (the input
+    # quantized beforehand, as the gated launch leaves it for ffn_down: int8 only)
     ("qwen ffn gate/up + SwiGLU", "q5_0", 4864, 896, True),
     ("qwen ffn_down q6_k", "q6_k", 896, 4864, False),
+    ("qwen ffn_down q6_k, Q8 input", "q6_k", 896, 4864, mv.Q8),
     ("qwen ffn_down q4_k", "q4_k", 896, 4864, False),
+    ("qwen ffn_down q4_k, Q8 input", "q4_k", 896, 4864, mv.Q8),
     ("qwen attn_q", "q5_0", 896, 896, False),
     ("qwen output", "q8_0", 151936, 896, False),
     ("gemma ffn gate/up + GeGLU", "q5_0", 2048, 640, True),
     ("gemma output", "q8_0", 262144, 640, False),
 ]
-GEMV_SIM = [("tiny gated", "q5_0", 40, 256, True), ("tiny q6_k", "q6_k", 9, 512, False)]
+GEMV_SIM = [("tiny gated", "q5_0", 40, 256, True), ("tiny q6_k", "q6_k", 9, 512, False),
+            ("tiny q6_k, Q8 input", "q6_k", 9, 512, mv.Q8)]
 # name, heads, kv heads, head size, cache types, windows (gemma3-270M's sliding layers: 512), tile shapes swept
 # (attention.attend_config overrides; on the first cache type and window only)
 ATTEND_CASES = [
@@ -101,20 +105,31 @@ def _gemv_operands(be, rng, type, n, k, gated, reps, hot=False):
     """(weight bytes a launch, copies, [(input, weights) of each copy], outputs): copies of the weights past
     the 50 MB L2, taken in turn, so each launch reads from HBM as in a decode step (hot: one copy, which
     stays in L2 from launch to launch)."""
-    nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if gated else 1)
+    pair = gated is True
+    nbytes = RandomWeight(type, 1, k, rng).nbytes * n * (2 if pair else 1)
     copies = 1 if SIM or hot else max(1, min(reps, -(-160_000_000 // nbytes)))
-    sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if gated else 1)] for _ in range(copies)]
-    x = be.from_host(rng.standard_normal((1, k)).astype(np.float32))
-    ys = [be._out((1, n)) for _ in range(3 if gated else 1)]
+    sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if pair else 1)] for _ in range(copies)]
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x = _Buf(*map(cuda.to_device, mv.q8_words(x))) if gated == mv.Q8 else be.from_host(x)
+    ys = [be._out((1, n)) for _ in range(3 if pair else 1)]
     return nbytes, copies, [(x, ws) for ws in sets], ys
+
+
+class _Buf:
+    """A quantized input (mode Q8): the words where a Tensor's buffer goes, and the scales."""
+
+    def __init__(self, buf, scales):
+        self.buf, self.scales = buf, scales
 
 
 def _gemv_items(be, sets, ys, gated):
     """One decode-GEMV launch item per weight copy, as the backend queues it (default kernel and launch)."""
     items = []
     for x, ws in sets:
-        d = _Decode(x, (mv.PLAIN, x, be._dummy, be._dummy, np.float32(0)), ws[0], ys[0], None, [])
-        if gated:
+        inp = (mv.Q8, x, x.scales, be._dummy, np.float32(0)) if gated == mv.Q8 else (mv.PLAIN, x, be._dummy,
+                                                                                     be._dummy, np.float32(0))
+        d = _Decode(x, inp, ws[0], ys[0], None, [])
+        if gated is True:
             d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
         items.append(d.item(be))
     return items
@@ -125,7 +140,7 @@ def bench_gemv(be, cases, reps: int, hot: bool = False) -> list[dict]:
     out = []
     for name, type, n, k, gated in cases:
         nbytes, copies, sets, ys = _gemv_operands(be, rng, type, n, k, gated, reps, hot)
-        for int8 in (False, True):
+        for int8 in (True,) if gated == mv.Q8 else (False, True):
             be.int8_decode = int8
             items = _gemv_items(be, sets, ys, gated)
             kern, grid0, block0, args0 = items[0]
@@ -188,6 +203,8 @@ def bench_gemv_base(be, cases, reps: int, base: str) -> list[dict]:
     out = []
     be.int8_decode = True
     for name, type, n, k, gated in cases:
+        if gated == mv.Q8:  # a kernel mode older checkouts lack
+            continue
         nbytes, copies, sets, ys = _gemv_operands(be, rng, type, n, k, gated, reps)
         items = _gemv_items(be, sets, ys, gated)
         ref, row = None, {"case": name, "type": type, "rows": n, "K": k, "gated": gated}

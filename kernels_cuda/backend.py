@@ -74,7 +74,8 @@ class _Decode:
         oq, od, cnt = self.qout or (be._dummy_i32, dummy, be._dummy_i32)
         kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu, k, be.int8_decode)
         grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm,
-                                             rows_per_warp=getattr(kern, "_pq_rows_per_warp", 1))
+                                             rows_per_warp=getattr(kern, "_pq_rows_per_warp", 1),
+                                             staged=mode != mv.Q8)
         args = (*y3, w3[0].q, w3[0].d, w3[1].q, w3[1].d, w3[2].q, w3[2].d, *b3, src.buf, x2, nw, eps,
                 self.res.buf if self.res is not None else dummy, self.z.buf if self.z is not None else dummy,
                 flags, *ns, k, oq, od, cnt, split)

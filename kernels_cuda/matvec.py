@@ -820,20 +820,37 @@ def _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b):
         y3[r - n1 - n2] = a
 
 
-def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_SM,
-                 split: int | None = None, rows_per_warp: int = 1) -> tuple[int, int, int]:
+def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int | None = None,
+                 split: int | None = None, rows_per_warp: int = 1, staged: bool = True) -> tuple[int, int, int]:
     """(grid, block, S) of the decode GEMV: S warps a row while the rows give under 8 warps an SM and a lane
     still has a unit of 32 values (more warps a row measured slower for 896 rows of 4864: each block stages
     the whole input); the grid covers the rows in one step up to `blocks_per_sm` blocks an SM, which then
     loop. A kernel whose warps take two rows a step (the int8 gated pair) says so in `_pq_rows_per_warp`.
-    (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
+    On an input quantized beforehand (mode Q8: not `staged`) a block costs no staging, so S grows until a lane
+    has one unit, and the grid cap doubles. (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
     rows = -(-rows // rows_per_warp)
     nu, s = K // UNIT, 1
-    while s < WARPS1 and rows * s < 8 * n_sm and nu > 32 * s:
+    while s < WARPS1 and (rows * s < 8 * n_sm or not staged) and nu > 32 * s:
         s *= 2
     s = split or s
+    blocks_per_sm = blocks_per_sm or (BLOCKS_PER_SM if staged else 2 * BLOCKS_PER_SM)
     per = WARPS1 // s  # rows a block takes a step; a block of S x per warps (S need not divide 8)
     return min(-(-rows // per), blocks_per_sm * n_sm), 32 * s * per, s
+
+
+def q8_words(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (K,) quantized as the int8 decode GEMV's units (numpy, the oracle of `_make_q8_unit`): words int32
+    (K/32 * QW; a unit's 8 words of codes, their sum, their first 16's sum, a pad) and scales float32 (K/32), the
+    layout a gated launch leaves in oq, od."""
+    b = np.asarray(x, np.float32).reshape(-1, UNIT)
+    amax = np.abs(b).max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    codes = np.rint(b * inv[:, None]).astype(np.int32)
+    words = np.zeros((len(b), QW), np.int32)
+    words[:, :8] = codes.astype(np.int8).view(np.int32)
+    words[:, 8], words[:, 9] = codes.sum(axis=1), codes[:, :16].sum(axis=1)
+    return words.reshape(-1), (amax / np.float32(127)).astype(np.float32)
 
 
 # ---- float GEMM for many tokens (formats without int8 codes, or int8 prefill off) -------------------------

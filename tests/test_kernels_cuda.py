@@ -28,7 +28,7 @@ pytestmark = pytest.mark.cuda
 from kernels_cuda import gemm_int8 as g8
 from kernels_cuda.backend import CudaBackend
 from kernels_cuda.jit import SIM
-from kernels_cuda.matvec import QW
+from kernels_cuda.matvec import QW, q8_words
 from kernels_cuda.quants import int8_codes
 
 GEMV_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "f32", "f16"]
@@ -194,6 +194,8 @@ def test_decode_gemv_int8_fusions(be8):
     act = gr / (1 + np.exp(-gr)) * ur
     assert rel(be8.to_host(a), act) < 1e-5
     got_a = be8.to_host(a)
+    words, scales = q8_words(got_a)
+    assert np.array_equal(up_args[-4].copy_to_host(), words) and np.array_equal(up_args[-3].copy_to_host(), scales)
     assert rel(be8.to_host(z), q8_round(got_a) @ dense(wd).T + r) < 1e-5
     assert rel(be8.to_host(z), ref_be.swiglu(x @ dense(wg).T, x @ dense(wu).T) @ dense(wd).T + r) < 5e-2
 
