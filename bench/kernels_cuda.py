@@ -210,8 +210,8 @@ def bench_gemv_base(be, cases, reps: int, base: str) -> list[dict]:
         ref, row = None, {"case": name, "type": type, "rows": n, "K": k, "gated": gated}
         for side, module in (("base", old), ("this", mv)):
             kern = module.gemv1_kernel((type,) * (2 if gated else 1), mv.PLAIN, mv.SWIGLU if gated else 0, k, True)
-            n_args = kern.py_func.__code__.co_argcount  # a base from before the quantized-output args (oq, od)
-            launch = [(kern, grid, block, args if n_args == len(args) else args[:-3] + args[-1:])
+            n_args = kern.py_func.__code__.co_argcount  # a base from before the quantized-output args (oq, od, cnt)
+            launch = [(kern, grid, block, args if n_args == len(args) else args[:-4] + args[-1:])
                       for _, grid, block, args in items]
             be.queue.run_eager(launch[:1])
             cuda.synchronize()

@@ -57,7 +57,7 @@ class _Decode:
         self.x, self.inp, self.ws, self.ys, self.bs = x, inp, [w], [y], [bias]
         self.items, self.idx = items, len(items)  # the queue's list (a flush starts a new one) and its index
         self.glu, self.res, self.z = 0, None, None
-        self.qout = None  # gated: (words, scales) where the launch leaves h quantized for the next product
+        self.qout = None  # gated: (words, scales, counts) where the launch leaves h quantized for the next product
 
     def item(self, be):
         mode, src, x2, nw, eps = self.inp
@@ -71,16 +71,13 @@ class _Decode:
             flags |= mv.HAS_RES
         ns = [w.shape[0] for w in ws] + [0] * (3 - n)
         k = ws[0].shape[1]
-        oq, od = self.qout or (be._dummy_i32, dummy)
+        oq, od, cnt = self.qout or (be._dummy_i32, dummy, be._dummy_i32)
         kern = mv.gemv1_kernel(tuple(w.type for w in ws), mode, self.glu, k, be.int8_decode)
-        rpw = getattr(kern, "_pq_rows_per_warp", 1)
-        if self.qout:  # a step of 32 rows, one unit of the quantized output (see matvec._make_gemv1_i8)
-            grid, block, split = mv.gemv1_launch(ns[0], k, be.n_sm, split=1, rows_per_warp=rpw, warps=16)
-        else:
-            grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm, rows_per_warp=rpw)
+        grid, block, split = mv.gemv1_launch(ns[0] if self.glu else sum(ns), k, be.n_sm,
+                                             rows_per_warp=getattr(kern, "_pq_rows_per_warp", 1))
         args = (*y3, w3[0].q, w3[0].d, w3[1].q, w3[1].d, w3[2].q, w3[2].d, *b3, src.buf, x2, nw, eps,
                 self.res.buf if self.res is not None else dummy, self.z.buf if self.z is not None else dummy,
-                flags, *ns, k, oq, od, split)
+                flags, *ns, k, oq, od, cnt, split)
         return (kern, grid, block, args)
 
 
@@ -137,6 +134,7 @@ class CudaBackend:
         self._dummy = upload(np.zeros(1, np.float32))
         self._dummy2 = upload(np.zeros((1, 1), np.float32))
         self._dummy_i32 = upload(np.zeros(1, np.int32))
+        self._unit_counts: dict = {}  # zeroed counters of the gated GEMV's quantized output, by units
         self._rope: dict = {}
         self._att1: dict = {}  # decode attention's split scratch by (heads, value dims)
         self._n_ctx = 0
@@ -353,7 +351,10 @@ class CudaBackend:
             return None
         if d.qout is None:
             units = x.size // mv.UNIT
-            d.qout = (self.arena.alloc(units * mv.QW, np.int32), self.arena.alloc(units))
+            cnt = self._unit_counts.get(units)
+            if cnt is None:
+                cnt = self._unit_counts[units] = upload(np.zeros(units, np.int32))
+            d.qout = (self.arena.alloc(units * mv.QW, np.int32), self.arena.alloc(units), cnt)
             self.queue.items[-1] = d.item(self)
         return mv.Q8, _Buf(d.qout[0]), d.qout[1], self._dummy, _F0
 

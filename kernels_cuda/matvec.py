@@ -576,7 +576,8 @@ def _make_gemv1(fmts, mode, glu, units):
     n_stage = (UNIT + 1) * units  # one padding word a unit: lane l reading unit l hits bank l + i
 
     @kernel
-    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, oq, od, S):
+    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, oq, od,
+              cnt, S):
         xs = cuda.shared.array(n_stage, float32)
         xsum = cuda.shared.array(units, float32)
         red = cuda.shared.array(32, float32)
@@ -695,10 +696,9 @@ def _make_gemv1_i8(fmts, mode, glu, units):
     group's lanes), so a short row's few units do not leave most of the block idle while one thread a unit
     quantizes 32 values serially. Mode Q8 takes the input already quantized (x: the words, x2: the scales, as
     a gated launch leaves them in oq, od) and reads it from global memory, with nothing staged. A gated launch
-    with oq (of size > 1; the rows a multiple of 32, launched 16 warps a block, S = 1: a step is 32 rows, one
-    unit) quantizes its output h for the product that reads it, each step's unit from shared memory. (Counting
-    rows into units across blocks of 8 warps, the block completing a unit quantizing it, measured 1.8 us a
-    launch more on an H100: fence, atomic and the reread.)"""
+    quantizes its output h for the product that reads it: after each step's rows (a run of whole 32-row units,
+    the rows a multiple of 32) the block adds them to cnt[unit], and the block that completes a unit quantizes
+    it into oq, od and zeroes its count (oq of size 1: off)."""
     (ld1, dt1), (ld2, dt2), (ld3, dt3) = (INT_UNITS[f.name] for f in fmts)
     n_xs, n_q = (UNIT + 1) * units, QW * units  # shared array sizes must be literals
     g = max(1, min(8, 256 // units))  # threads a unit: one pass of at most 256 threads over the longest row
@@ -709,11 +709,12 @@ def _make_gemv1_i8(fmts, mode, glu, units):
     staged = mode != Q8
 
     @kernel
-    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, oq, od, S):
+    def gemv1(y1, y2, y3, q1, d1, q2, d2, q3, d3, b1, b2, b3, x, x2, nw, eps, res, z, flags, n1, n2, n3, K, oq, od,
+              cnt, S):
         red = cuda.shared.array(32, float32)
         pa = cuda.shared.array(WARPS1, float32)
         pb = cuda.shared.array(WARPS1, float32)
-        hq = cuda.shared.array(UNIT, float32)  # a gated step's h, for its quantized output
+        last = cuda.shared.array(1, int32)
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
         nu = K // UNIT
@@ -763,8 +764,7 @@ def _make_gemv1_i8(fmts, mode, glu, units):
                     bn += dt2(wb2, xq, xd, u)
                 an, bn = _row_sums(an, bn, glu, S, pa, pb, warp, sub, lane)
                 if sub == 0 and lane == 0 and r2 < rows:
-                    hq[warp // S + per] = _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r2, an * rs,
-                                                     bn * rs)
+                    _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r2, an * rs, bn * rs)
             elif rr < n1:
                 for u in range(u0, nu, step):
                     a += dt1(ld1(q1, d1, rr, u), xq, xd, u)
@@ -776,12 +776,19 @@ def _make_gemv1_i8(fmts, mode, glu, units):
                     a += dt3(ld3(q3, d3, rr - n1 - n2, u), xq, xd, u)
             a, b = _row_sums(a, b, glu, S, pa, pb, warp, sub, lane)
             if sub == 0 and lane == 0 and r < rows:
-                hq[warp // S] = _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
-            if glu and oq.size > 1:  # the step's 32 rows of h are one unit: quantize it (8 threads)
+                _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a * rs, b * rs)
+            if glu and oq.size > 1:  # this step's rows of h written: count them into their unit
+                cuda.threadfence()
                 cuda.syncthreads()
-                i0 = 4 * (tid % 8)
-                q8_out(hq, i0, i0, oq, od, (it * rpw * per) // UNIT, tid < 8)
-                cuda.syncthreads()  # hq is rewritten by the next step
+                hu = (it * rpw * per) // UNIT
+                if tid == 0:
+                    last[0] = 1 if cuda.atomic.add(cnt, hu, rpw * per) == UNIT - rpw * per else 0
+                cuda.syncthreads()
+                if last[0] == 1:  # the unit's other rows are in: quantize it (8 threads), reset its count
+                    i0 = 4 * (tid % 8)
+                    q8_out(y3, UNIT * hu + i0, i0, oq, od, hu, tid < 8)
+                    if tid == 0:
+                        cnt[hu] = 0
 
     gemv1._pq_rows_per_warp = rpw  # gemv1_launch's `rows_per_warp`
     return gemv1
@@ -796,9 +803,7 @@ def _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b):
             b += b2[r]
         y1[r] = a
         y2[r] = b
-        h = (silu(a) if glu == SWIGLU else gelu_tanh(a)) * b
-        y3[r] = h
-        return h
+        y3[r] = (silu(a) if glu == SWIGLU else gelu_tanh(a)) * b
     elif r < n1:
         if flags & HAS_BIAS:
             a += b1[r]
@@ -813,24 +818,23 @@ def _gemv1_out(glu, y1, y2, y3, b1, b2, b3, res, z, flags, n1, n2, r, a, b):
         if flags & HAS_BIAS3:
             a += b3[r - n1 - n2]
         y3[r - n1 - n2] = a
-    return float32(0.0)
 
 
-def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_SM, split: int | None = None,
-                 rows_per_warp: int = 1, warps: int = WARPS1) -> tuple[int, int, int]:
+def gemv1_launch(rows: int, K: int, n_sm: int, blocks_per_sm: int = BLOCKS_PER_SM,
+                 split: int | None = None, rows_per_warp: int = 1) -> tuple[int, int, int]:
     """(grid, block, S) of the decode GEMV: S warps a row while the rows give under 8 warps an SM and a lane
     still has a unit of 32 values (more warps a row measured slower for 896 rows of 4864: each block stages
     the whole input); the grid covers the rows in one step up to `blocks_per_sm` blocks an SM, which then
-    loop. A kernel whose warps take two rows a step (the int8 gated pair) says so in `_pq_rows_per_warp`;
-    `warps` a block (a gated launch quantizing its output takes 16). The same rule serves an input quantized
-    beforehand (mode Q8), though a block then stages nothing: qwen's ffn_down measured 6.1 us at S = 2 against
-    9.0 at S = 8. (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
+    loop. A kernel whose warps take two rows a step (the int8 gated pair) says so in `_pq_rows_per_warp`.
+    The same rule serves an input quantized beforehand (mode Q8), though a block then stages nothing: on an
+    H100, qwen's ffn_down on a Q8 input took 6.1 us (q6_k) / 5.8 (q4_k) at the rule's S = 2, and 9.0 / 8.9 at
+    S = 8, a unit a lane. (bench/kernels_cuda.py sweeps blocks_per_sm and split.)"""
     rows = -(-rows // rows_per_warp)
     nu, s = K // UNIT, 1
-    while s < warps and rows * s < 8 * n_sm and nu > 32 * s:
+    while s < WARPS1 and rows * s < 8 * n_sm and nu > 32 * s:
         s *= 2
     s = split or s
-    per = warps // s  # rows a block takes a step; a block of S x per warps (S need not divide 8)
+    per = WARPS1 // s  # rows a block takes a step; a block of S x per warps (S need not divide 8)
     return min(-(-rows // per), blocks_per_sm * n_sm), 32 * s * per, s
 
 

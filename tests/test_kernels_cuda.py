@@ -189,13 +189,13 @@ def test_decode_gemv_int8_fusions(be8):
     z = be8.add(be8.from_host(r), be8.linear(a, be8.weight(wd)))
     assert len(be8.queue.items) == 2
     (_, _, _, up_args), (_, _, _, down_args) = be8.queue.items
-    assert up_args[-3].size == ff // 32 * QW and down_args[12] is up_args[-3]  # down reads h as gate/up quantized it
+    assert up_args[-4].size == ff // 32 * QW and down_args[12] is up_args[-4]  # down reads h as gate/up quantized it
     gr, ur = q8_round(x) @ dense(wg).T, q8_round(x) @ dense(wu).T
     act = gr / (1 + np.exp(-gr)) * ur
     assert rel(be8.to_host(a), act) < 1e-5
     got_a = be8.to_host(a)
     words, scales = q8_words(got_a)
-    assert np.array_equal(up_args[-3].copy_to_host(), words) and np.array_equal(up_args[-2].copy_to_host(), scales)
+    assert np.array_equal(up_args[-4].copy_to_host(), words) and np.array_equal(up_args[-3].copy_to_host(), scales)
     assert rel(be8.to_host(z), q8_round(got_a) @ dense(wd).T + r) < 1e-5
     assert rel(be8.to_host(z), ref_be.swiglu(x @ dense(wg).T, x @ dense(wu).T) @ dense(wd).T + r) < 5e-2
 
