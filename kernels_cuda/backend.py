@@ -32,7 +32,7 @@ from . import gemm_int8 as g8
 from . import matvec as mv
 from . import ops
 from .jit import SIM
-from .launch import Arena, LaunchQueue, Step, Tensor, upload
+from .launch import Arena, LaunchQueue, Step, Tensor, pinned_zeros, upload
 from .quants import gpu_format, int8_codes, repack
 
 _MODES = {None: mv.PLAIN, "rms": mv.RMS, "swiglu": mv.SWIGLU, "geglu": mv.GEGLU}
@@ -139,12 +139,12 @@ class CudaBackend:
         self._att1: dict = {}  # decode attention's split scratch by (heads, value dims)
         self._n_ctx = 0
         self._step: Step | None = None  # the last decode step recorded, see replay_step
-        self._step_params = np.zeros(2, np.int32) if SIM else cuda.pinned_array(2, np.int32)
+        self._step_params = pinned_zeros(2, np.int32)
         self._last_out = None  # (flush number, flat buffer, host array) of the last to_host that launched work
         self._rows_limit = 0
         self._ctx_limit = None  # the smallest n_ctx of the caches the pass being queued attends to
         self._argmax = None  # argmax_step's scratch, made at the first replay_greedy
-        self._ring_zero = np.zeros(1, np.int32) if SIM else cuda.pinned_array(1, np.int32)
+        self._ring_zero = pinned_zeros(1, np.int32)
         self.n_replays = 0
         self.n_greedy_steps = 0  # decode steps run by replay_greedy
         self.n_sm = 1 if SIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
@@ -221,7 +221,7 @@ class CudaBackend:
             ring = cuda.device_array(1 + s.n_ctx, np.int32)  # a count, then up to n_ctx tokens
             items = s.items + [(am.argmax_step, *am.grid(s.out.size), (s.out, s.out.size, s.params, ring,
                                                                        *self._argmax))]
-            host = np.zeros(ring.size, np.int32) if SIM else cuda.pinned_array(ring.size, np.int32)
+            host = pinned_zeros(ring.size, np.int32)
             s.greedy = (items, q.capture(items), ring, host)
         items, graph, ring, host = s.greedy
         p = self._step_params
@@ -258,7 +258,7 @@ class CudaBackend:
             q.run_eager(s.items)
         q.n_launches += len(s.items)
         if s.host is None:
-            s.host = np.zeros(s.out.size, np.float32) if SIM else cuda.pinned_array(s.out.size, np.float32)
+            s.host = pinned_zeros(s.out.size, np.float32)
         s.out.copy_to_host(s.host, stream=q.stream)
         q.synchronize()
         self.n_replays += 1

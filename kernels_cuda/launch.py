@@ -80,6 +80,17 @@ def upload(a: np.ndarray):
     return d
 
 
+def pinned_zeros(n: int, dtype=np.int32) -> np.ndarray:
+    """n zeros in page-locked host memory (np.zeros in the simulator). cuda.pinned_array hands its memory out as
+    it finds it, e.g. a just-freed buffer of this process: the token ring's zero was once another model's
+    logit, read back as the count."""
+    if SIM:
+        return np.zeros(n, dtype)
+    a = cuda.pinned_array(n, dtype)
+    a[:] = 0
+    return a
+
+
 _SLICES: dict = {}
 
 
@@ -205,7 +216,7 @@ class LaunchQueue:
         self.pos0 = None
 
     def _host_array(self, n):
-        return np.zeros(n, np.int32) if SIM else cuda.pinned_array(n, np.int32)
+        return pinned_zeros(n, np.int32)
 
     # --- parameters ---------------------------------------------------------------------------------
     def set_pos0(self, p: int) -> None:

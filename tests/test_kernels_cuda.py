@@ -585,6 +585,24 @@ def test_backend_logits_match_numpy(tmp_path, arch):
             m.forward(np.array([m.hp.n_vocab]), steps[-1] + 1, cache)
 
 
+def test_pinned_host_buffers_start_zeroed():
+    """The backend's page-locked host buffers (the zero the token ring's count starts from, the step's
+    parameters, the host copies) hold zeros when made, even where the memory was another buffer's: on an H100 a
+    greedy run on a second model in one process read a logit of the first as the ring's count."""
+    from numba import cuda
+
+    from kernels_cuda.launch import pinned_zeros
+
+    for _ in range(3):  # memory the pinned allocator may hand out again
+        junk = np.zeros(4096, np.float32) if SIM else cuda.pinned_array(4096, np.float32)
+        junk[:] = 0.07
+        del junk
+        z = pinned_zeros(4096, np.int32)
+        assert z.dtype == np.int32 and z.shape == (4096,) and not z.any()
+    be = CudaBackend()
+    assert be._ring_zero[0] == 0 and not be._step_params.any() and not be.queue.params_host.any()
+
+
 @pytest.mark.parametrize("n_tok", [1, 5])
 def test_decode_step_queues_the_same_launches(tmp_path, n_tok):
     """Two decode steps at different positions (or two 5-token prefills through the int8 GEMM) queue the same
