@@ -40,7 +40,7 @@ from numba import cuda
 
 from kernels_cuda import attention as att
 from kernels_cuda import matvec as mv
-from kernels_cuda.backend import CudaBackend, _Decode
+from kernels_cuda.backend import CudaBackend, _Buf, _Decode
 from kernels_cuda.jit import SIM
 from kernels_cuda.quants import GPU_FORMATS
 from pyquant.quants import get_format
@@ -102,7 +102,8 @@ def time_items(be, items, reps: int) -> float:
 
 
 def _gemv_operands(be, rng, type, n, k, gated, reps, hot=False):
-    """(weight bytes a launch, copies, [(input, weights) of each copy], outputs): copies of the weights past
+    """(weight bytes a launch, copies, [(input, weights) of each copy], outputs; the input as _Decode takes it:
+    (mode, source, x2, norm weight, eps)): copies of the weights past
     the 50 MB L2, taken in turn, so each launch reads from HBM as in a decode step (hot: one copy, which
     stays in L2 from launch to launch)."""
     pair = gated is True
@@ -110,25 +111,20 @@ def _gemv_operands(be, rng, type, n, k, gated, reps, hot=False):
     copies = 1 if SIM or hot else max(1, min(reps, -(-160_000_000 // nbytes)))
     sets = [[RandomWeight(type, n, k, rng) for _ in range(2 if pair else 1)] for _ in range(copies)]
     x = rng.standard_normal((1, k)).astype(np.float32)
-    x = _Buf(*map(cuda.to_device, mv.q8_words(x))) if gated == mv.Q8 else be.from_host(x)
+    if gated == mv.Q8:
+        words, scales = map(cuda.to_device, mv.q8_words(x))
+        inp = (mv.Q8, _Buf(words), scales, be._dummy, np.float32(0))
+    else:
+        inp = (mv.PLAIN, be.from_host(x), be._dummy, be._dummy, np.float32(0))
     ys = [be._out((1, n)) for _ in range(3 if pair else 1)]
-    return nbytes, copies, [(x, ws) for ws in sets], ys
-
-
-class _Buf:
-    """A quantized input (mode Q8): the words where a Tensor's buffer goes, and the scales."""
-
-    def __init__(self, buf, scales):
-        self.buf, self.scales = buf, scales
+    return nbytes, copies, [(inp, ws) for ws in sets], ys
 
 
 def _gemv_items(be, sets, ys, gated):
     """One decode-GEMV launch item per weight copy, as the backend queues it (default kernel and launch)."""
     items = []
-    for x, ws in sets:
-        inp = (mv.Q8, x, x.scales, be._dummy, np.float32(0)) if gated == mv.Q8 else (mv.PLAIN, x, be._dummy,
-                                                                                     be._dummy, np.float32(0))
-        d = _Decode(x, inp, ws[0], ys[0], None, [])
+    for inp, ws in sets:
+        d = _Decode(inp[1], inp, ws[0], ys[0], None, [])
         if gated is True:
             d.ws, d.ys, d.bs, d.glu = ws, ys, [None, None], mv.SWIGLU
         items.append(d.item(be))
