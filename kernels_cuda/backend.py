@@ -341,11 +341,10 @@ class CudaBackend:
             return mode, p[1], p[2].buf, self._dummy, _F0
         return mv.PLAIN, self._ready(x), self._dummy, self._dummy, _F0
 
-    def _q8_input(self, x: Tensor, w: CudaWeight):
-        """Input mode Q8 for a one-token product of x, the output h of the gated decode GEMV queued last (gate, up,
-        SwiGLU; then ffn_down): that launch is made to leave h quantized as this product's int8 units read it, so
-        this one stages nothing. None where either is not on int8 activations."""
-        d = self._joinable()
+    def _q8_input(self, d: _Decode | None, x: Tensor, w: CudaWeight):
+        """Input mode Q8 for a one-token product of x, the output h of d, the gated decode GEMV queued last (gate,
+        up, SwiGLU; then ffn_down): that launch is made to leave h quantized as this product's int8 units read it,
+        so this one stages nothing. None where either is not on int8 activations."""
         if not (d is not None and d.glu and d.ys[2].buf is x.buf and x.size % mv.UNIT == 0 and self.int8_decode
                 and all(v.type in mv.INT_UNITS for v in d.ws + [w])):
             return None
@@ -373,7 +372,7 @@ class CudaBackend:
             d.bs.append(bias)
             items[-1] = d.item(self)
             return y
-        inp = self._q8_input(x, w) or self._gemv_input(x, w.shape[1])
+        inp = self._q8_input(d, x, w) or self._gemv_input(x, w.shape[1])
         d = self._dec = _Decode(x, inp, w, y, bias, items)
         items.append(d.item(self))
         return y
